@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""Step 02: the baseline. ResNet-50 trained on one device, measured honestly.
+
+    python 02_baseline_single_gpu.py --model resnet50 --batch-size 64 --epochs 5
+    python 02_baseline_single_gpu.py --preset smoke        # seconds, even on a laptop CPU
+
+Every number the later steps print is compared with this run: 03 is this script with the
+model wrapped in nn.DataParallel, 04 is this script once per GPU under
+DistributedDataParallel. Read it first; `diff` it with 04 to see what DDP changes.
+"""
+
+import sys
+
+import torch
+from torch.utils.data import RandomSampler
+
+from labs import cli, console, data, envinfo, models, results, train
+from labs.measure import Meter
+
+LAB = "02_baseline"
+
+
+def main() -> None:
+    args = cli.parse_args(LAB, __doc__)  # bad input: one line, exit status 2
+    device = envinfo.resolve_device(args.device)
+    results.prepare_dir(args.results_dir)  # an unwritable folder fails now, not after training
+    if device.type == "cpu" and args.preset is None:
+        print("warning: no GPU in use: a full ResNet-50 run on the CPU takes hours; "
+              "try --preset smoke (seconds) or --preset cpu (a minute)", file=sys.stderr)
+
+    torch.manual_seed(args.seed)
+    train.configure_backends(device)
+    amp = train.resolve_amp(args.amp, device)
+
+    dataset = data.build_dataset(args, device)
+    sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(args.seed))
+    num_workers = data.default_num_workers(args)
+    loader = data.build_loader(dataset, args, sampler, device, args.batch_size, num_workers)
+    steps = train.steps_per_epoch(len(loader), args.grad_accum_steps, args.steps_per_epoch)
+    train.check_schedule(steps, args.epochs, args.warmup_steps, f"{len(dataset)} images")
+
+    model = models.build_model(args.model, args.num_classes)
+    model = train.prepare_model(model, device, args.channels_last)
+    if args.compile:
+        model = torch.compile(model)
+    samples_per_step = args.batch_size * args.grad_accum_steps
+    lr = args.lr or train.default_lr(samples_per_step)
+    optimizer = train.build_optimizer(model, lr, device)
+
+    meter = Meter(device, args.warmup_steps, samples_per_step)
+    trainer = train.Trainer(model, optimizer, device, amp=amp,
+                            channels_last=args.channels_last,
+                            grad_accum_steps=args.grad_accum_steps, meter=meter,
+                            steps_per_epoch=steps, epochs=args.epochs)
+    run = results.Run(
+        LAB, args, strategy="single",
+        config=results.config_from_args(
+            args, per_device_batch_size=args.batch_size, global_batch_size=samples_per_step,
+            steps_per_epoch=steps, amp=amp, lr=lr, num_workers=num_workers),
+        world={"world_size": 1, "nnodes": 1, "backend": None,
+               "devices": [envinfo.device_entry(device)]},
+    )
+
+    with run.guard(meter):  # OOM, Ctrl-C or a crash still writes a result with its status
+        for epoch in range(args.epochs):
+            trainer.train_one_epoch(loader, epoch)
+
+    path = run.write([meter.rank_summary()])
+    console.print_summary(run.record, path)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,298 @@
+"""The command-line contract shared by steps 02, 03 and 04: same flags, same spelling.
+
+``parse_args(lab)`` builds the parser for one step, applies a ``--preset``, fills the
+defaults and validates every value before any work is done. A bad value raises
+``UsageError``; ``run(main)`` turns it into one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from labs.errors import UsageError
+
+AMP_CHOICES = ("auto", "off", "fp16", "bf16")
+DATA_CHOICES = ("synthetic", "fake", "imagefolder", "cifar10")
+COMM_HOOKS = ("none", "fp16", "bf16", "powersgd")
+BACKENDS = ("auto", "nccl", "gloo")
+
+# The lab's defaults. Options left unset on the command line take the preset's value,
+# then these.
+DEFAULTS = {
+    "model": "resnet50",
+    "batch_size": 64,
+    "epochs": 5,
+    "steps_per_epoch": None,  # None: the whole data set each epoch
+    "img_size": 224,
+    "num_classes": 1000,
+    "data": "synthetic",
+    "dataset_size": 12_800,  # images per epoch for synthetic/fake; a cap for real data
+    "num_workers": None,  # None: chosen from the CPU count for pipelines that use workers
+    "amp": "auto",  # bf16 on GPUs that support it, fp16 on older GPUs, off on the CPU
+    "channels_last": False,
+    "compile": False,
+    "warmup_steps": 10,
+    "grad_accum_steps": 1,
+    "lr": None,  # None: 0.1 x global batch / 256 (Goyal et al., 2017)
+    "seed": 0,
+}
+
+# Named settings. `smoke` runs a step in seconds on a 2-core CPU; `cpu` is the smallest
+# run whose numbers still mean something on a CPU-only machine.
+PRESETS = {
+    "smoke": {
+        "model": "resnet18",
+        "batch_size": 8,
+        "epochs": 2,
+        "steps_per_epoch": 5,
+        "img_size": 32,
+        "num_classes": 10,
+        "dataset_size": 256,
+        "warmup_steps": 2,
+        "num_workers": 0,
+    },
+    "cpu": {
+        "model": "resnet18",
+        "batch_size": 32,
+        "epochs": 2,
+        "steps_per_epoch": 15,
+        "img_size": 64,
+        "num_classes": 100,
+        "dataset_size": 2_048,
+        "warmup_steps": 3,
+    },
+    "full": {},  # the lab's defaults: ResNet-50 at 224
+}
+
+LABS = ("02_baseline", "03_dataparallel", "04_ddp")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse prints the whole usage block on an error; the lab prints one line."""
+
+    def error(self, message: str) -> None:  # noqa: D401 - argparse's signature
+        raise UsageError(f"{message} (see --help)")
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more, got {text!r}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than zero, got {text!r}")
+    return value
+
+
+def _gpu_list(text: str) -> list[int]:
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip() != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated GPU indices such as 0,1,2,3, got {text!r}"
+        ) from None
+    if not ids or any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+        raise argparse.ArgumentTypeError(
+            f"must be distinct non-negative GPU indices such as 0,1,2,3, got {text!r}"
+        )
+    return ids
+
+
+def build_parser(lab: str, description: str | None = None) -> argparse.ArgumentParser:
+    if lab not in LABS:
+        raise ValueError(f"unknown lab {lab!r}")
+    parser = _OneLineParser(
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d = DEFAULTS
+    what = parser.add_argument_group("what to train")
+    what.add_argument("--model", metavar="NAME",
+                      help=f"any torchvision classification model (default: {d['model']})")
+    if lab == "03_dataparallel":
+        batch_help = ("GLOBAL batch size in images, split evenly across --gpus by "
+                      f"DataParallel (default: {d['batch_size']})")
+    else:
+        batch_help = f"batch size per process, in images (default: {d['batch_size']})"
+    what.add_argument("--batch-size", type=_positive_int, metavar="N", help=batch_help)
+    what.add_argument("--epochs", type=_positive_int, metavar="N",
+                      help=f"number of epochs (default: {d['epochs']})")
+    what.add_argument("--steps-per-epoch", type=_positive_int, metavar="N",
+                      help="cap on optimizer steps per epoch (default: the whole data set)")
+    what.add_argument("--img-size", type=_positive_int, metavar="PX",
+                      help=f"input height and width in pixels (default: {d['img_size']})")
+    what.add_argument("--num-classes", type=_positive_int, metavar="N",
+                      help=f"number of output classes (default: {d['num_classes']})")
+    what.add_argument("--lr", type=_positive_float, metavar="LR",
+                      help="SGD learning rate (default: 0.1 x global batch / 256)")
+    what.add_argument("--grad-accum-steps", type=_positive_int, metavar="N",
+                      help="micro-batches accumulated per optimizer step (default: 1)")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", choices=DATA_CHOICES,
+                      help="synthetic: random images resident on the device (no input "
+                           "pipeline); fake: torchvision FakeData through a DataLoader with "
+                           "ImageNet augmentations; imagefolder/cifar10: local files under "
+                           f"--data-dir, never downloaded (default: {d['data']})")
+    data.add_argument("--data-dir", type=Path, metavar="PATH",
+                      help="folder with the data set for --data imagefolder or cifar10")
+    data.add_argument("--dataset-size", type=_positive_int, metavar="N",
+                      help=f"images per epoch for synthetic/fake data, a cap for real data "
+                           f"(default: {d['dataset_size']})")
+    data.add_argument("--num-workers", type=_non_negative_int, metavar="N",
+                      help="DataLoader worker processes (default: from the CPU count; "
+                           "synthetic data uses none)")
+
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--amp", choices=AMP_CHOICES,
+                       help="mixed precision: auto = bf16 where the GPU supports it, fp16 "
+                            "on older GPUs, off on the CPU (default: auto)")
+    speed.add_argument("--channels-last", action="store_true", default=None,
+                       help="NHWC memory layout, faster convolutions on tensor cores")
+    speed.add_argument("--compile", action="store_true", default=None,
+                       help="torch.compile the model (compile time is excluded by warmup)")
+    speed.add_argument("--warmup-steps", type=_non_negative_int, metavar="N",
+                       help=f"steps excluded from every measurement "
+                            f"(default: {d['warmup_steps']})")
+
+    where = parser.add_argument_group("where and output")
+    if lab == "03_dataparallel":
+        where.add_argument("--gpus", type=_gpu_list, metavar="IDS",
+                           help="GPUs to split each batch across, e.g. 0,1,2,3 "
+                                "(default: every visible GPU)")
+    else:
+        where.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
+                           help="where to run; auto picks CUDA when present (default: auto)")
+    where.add_argument("--seed", type=_non_negative_int, metavar="N",
+                       help=f"random seed (default: {d['seed']})")
+    where.add_argument("--results-dir", type=Path, default=Path("results"), metavar="DIR",
+                       help="folder for the run's JSON result (default: results)")
+    where.add_argument("--run-name", metavar="NAME",
+                       help="label for this run in file names and the report "
+                            "(default: model, batch and precision)")
+    where.add_argument("--preset", choices=tuple(PRESETS),
+                       help="named settings; smoke runs in seconds on a 2-core CPU, cpu is a "
+                            "small but meaningful CPU run; explicit flags override it")
+
+    if lab == "04_ddp":
+        _add_ddp_options(parser)
+    return parser
+
+
+def _add_ddp_options(parser: argparse.ArgumentParser) -> None:
+    launch = parser.add_argument_group("launch (DDP)")
+    launch.add_argument("--nproc", type=_positive_int, metavar="N",
+                        help="start N processes on this machine yourself instead of "
+                             "running under torchrun")
+    launch.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="auto = nccl when every rank has its own GPU, gloo otherwise "
+                             "(default: auto)")
+    launch.add_argument("--timeout-s", type=_positive_float, default=300.0, metavar="S",
+                        help="process-group timeout: a rank waiting longer than this for a "
+                             "dead peer gives up (default: 300)")
+    # torch.distributed.launch (deprecated) passes --local-rank / --local_rank.
+    launch.add_argument("--local-rank", "--local_rank", type=_non_negative_int,
+                        dest="local_rank", help=argparse.SUPPRESS)
+
+    ddp = parser.add_argument_group("DistributedDataParallel options")
+    ddp.add_argument("--bucket-cap-mb", type=_positive_float, default=25.0, metavar="MB",
+                     help="gradient bucket size for all-reduce (default: 25)")
+    ddp.add_argument("--static-graph", action="store_true",
+                     help="promise the graph is the same every step (enables optimisations)")
+    ddp.add_argument("--sync-bn", action="store_true",
+                     help="convert BatchNorm to SyncBatchNorm (statistics across ranks)")
+    ddp.add_argument("--find-unused-parameters", action="store_true",
+                     help="tolerate parameters that get no gradient (costs a graph walk)")
+    ddp.add_argument("--broadcast-buffers", action="store_true",
+                     help="broadcast rank 0's buffers (batch-norm statistics) every step")
+    ddp.add_argument("--comm-hook", choices=COMM_HOOKS, default="none",
+                     help="gradient compression before all-reduce (default: none)")
+
+    ckpt = parser.add_argument_group("checkpoints (DDP)")
+    ckpt.add_argument("--checkpoint-every", type=_non_negative_int, default=0, metavar="N",
+                      help="save a checkpoint every N epochs, 0 = never (default: 0)")
+    ckpt.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints"),
+                      metavar="DIR", help="folder for checkpoints (default: checkpoints)")
+    ckpt.add_argument("--resume", metavar="PATH|auto",
+                      help="resume from a checkpoint file; auto = the latest in "
+                           "--checkpoint-dir when there is one")
+
+
+def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill options left unset: first from the preset, then from DEFAULTS."""
+    preset = PRESETS.get(args.preset or "full", {})
+    for name, default in DEFAULTS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, preset.get(name, default))
+    args.channels_last = bool(args.channels_last)
+    args.compile = bool(args.compile)
+    return args
+
+
+def parse_args(lab: str, description: str | None = None, argv: list[str] | None = None):
+    """Parse, fill and validate; raises UsageError on any bad value."""
+    args = build_parser(lab, description).parse_args(argv)
+    args.lab = lab
+    apply_preset(args)
+    validate(args)
+    return args
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Cross-field checks argparse cannot express. Everything here runs before any work."""
+    from labs import models  # torchvision import is slow; only when parsing succeeded
+
+    models.check_model_name(args.model)
+    if args.data in ("imagefolder", "cifar10"):
+        if args.data_dir is None:
+            raise UsageError(f"--data {args.data} needs --data-dir PATH (nothing is downloaded)")
+        if not args.data_dir.is_dir():
+            raise UsageError(f"--data-dir {args.data_dir} is not a folder")
+    elif args.data_dir is not None:
+        raise UsageError(f"--data-dir is only used with --data imagefolder or cifar10, "
+                         f"not --data {args.data}")
+    if args.img_size < 16:
+        raise UsageError(f"--img-size must be at least 16 pixels, got {args.img_size}")
+    if args.num_classes < 2:
+        raise UsageError(f"--num-classes must be at least 2, got {args.num_classes}")
+    if args.run_name is not None and not args.run_name.strip():
+        raise UsageError("--run-name must not be empty")
+    if getattr(args, "resume", None) and args.resume != "auto":
+        if not Path(args.resume).is_file():
+            raise UsageError(f"--resume {args.resume}: no such checkpoint file")
+    if getattr(args, "nproc", None) and os.environ.get("LOCAL_RANK") is not None:
+        raise UsageError("--nproc starts its own processes; do not combine it with torchrun")
+
+
+def run(main) -> None:
+    """Run a step's main(); a UsageError becomes one line on stderr and exit status 2."""
+    prog = Path(sys.argv[0]).name
+    try:
+        main()
+    except UsageError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.exit(2)

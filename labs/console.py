@@ -1,0 +1,50 @@
+"""What a step prints: the one-screen summary at the end of a run."""
+
+from __future__ import annotations
+
+import sys
+
+
+def gib(n_bytes) -> str:
+    return "n/a" if n_bytes is None else f"{n_bytes / 2**30:.2f} GiB"
+
+
+def print_summary(record: dict, path, stream=sys.stdout) -> None:
+    cfg, metrics, world = record["config"], record["metrics"], record["world"]
+    devices = ", ".join(sorted({d["name"] for d in world["devices"]})) or "?"
+    lines = [
+        "",
+        f"== {record['lab']} ({cfg['strategy']}) · {record['status']} ==",
+        f"model        {cfg['model']} at {cfg['img_size']}px, {cfg['data']} data, "
+        f"amp {cfg['amp']}{', channels_last' if cfg['channels_last'] else ''}"
+        f"{', compiled' if cfg['compile'] else ''}",
+        f"world        {world['world_size']} process(es) on {world['nnodes']} node(s), "
+        f"{len(world['devices'])} device(s): {devices}",
+        f"batch        {cfg['per_device_batch_size']} per device, "
+        f"{cfg['global_batch_size']} global",
+    ]
+    tp = metrics.get("throughput_img_s")
+    if tp:
+        st = metrics["step_time_s"]
+        lines += [
+            f"throughput   {tp['median']:,.1f} img/s median "
+            f"(p10 {tp['p10']:,.1f} – p90 {tp['p90']:,.1f}; mean {tp['mean']:,.1f})",
+            f"step time    {st['median'] * 1e3:,.1f} ms median over "
+            f"{metrics['steps_measured']} steps ({metrics['warmup_steps']} warmup excluded)",
+            f"data wait    {100 * (metrics['data_wait_fraction'] or 0):.1f} % of step time",
+        ]
+    epochs = metrics.get("epoch_time_s") or []
+    if epochs:
+        lines.append("epoch time   " + ", ".join(f"{t:.1f} s" for t in epochs))
+    for dev in metrics.get("per_device", []):
+        if dev.get("peak_allocated_bytes") is not None:
+            lines.append(f"peak memory  {dev['device']} ({dev.get('name')}): "
+                         f"{gib(dev['peak_allocated_bytes'])} allocated, "
+                         f"{gib(dev['peak_reserved_bytes'])} reserved")
+    lines.append(f"host RSS     {gib(metrics.get('host_peak_rss_bytes'))} peak")
+    if metrics.get("final_loss") is not None:
+        lines.append(f"final loss   {metrics['final_loss']:.4f}")
+    for note in record.get("notes", []):
+        lines.append(f"note         {note}")
+    lines.append(f"result       {path}")
+    print("\n".join(lines), file=stream, flush=True)

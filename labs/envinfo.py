@@ -1,0 +1,124 @@
+"""What machine a run happened on: recorded in every result so runs can be matched."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import socket
+import subprocess
+
+import psutil
+import torch
+
+
+def _cpu_count() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def nccl_version() -> str | None:
+    try:
+        if not (torch.cuda.is_available() and torch.distributed.is_nccl_available()):
+            return None
+        version = torch.cuda.nccl.version()
+    except Exception:  # noqa: BLE001 - a build without NCCL
+        return None
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+
+
+def driver_version() -> str | None:
+    """The NVIDIA driver, from NVML when installed, else nvidia-smi; None without either."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        version = pynvml.nvmlSystemGetDriverVersion()
+        return version.decode() if isinstance(version, bytes) else str(version)
+    except Exception:  # noqa: BLE001
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip().splitlines()[0] if out.strip() else None
+
+
+def gpus() -> list[dict]:
+    found = []
+    if not torch.cuda.is_available():
+        return found
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        found.append({
+            "index": index,
+            "name": props.name,
+            "total_memory_bytes": int(props.total_memory),
+            "compute_capability": f"{props.major}.{props.minor}",
+            "multiprocessors": int(props.multi_processor_count),
+        })
+    return found
+
+
+def collect() -> dict:
+    """The ``environment`` block of a result file. Fast: no probes, no benchmarks."""
+    import torchvision
+
+    cuda = torch.cuda.is_available()
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu_model": platform.processor() or platform.machine(),
+        "cpu_count": _cpu_count(),
+        "ram_bytes": int(psutil.virtual_memory().total),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cuda": torch.version.cuda if cuda else None,
+        "cudnn": cudnn if cuda else None,
+        "nccl": nccl_version(),
+        "driver": driver_version() if cuda else None,
+        "gpus": gpus(),
+    }
+
+
+def device_entry(device: torch.device, rank: int | None = None) -> dict:
+    """One entry of the result's world.devices list."""
+    entry = {"device": str(device), "index": device.index, "host": socket.gethostname(),
+             "name": "CPU"}
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        entry.update(index=index, name=torch.cuda.get_device_name(index))
+    if rank is not None:
+        entry["rank"] = rank
+    return entry
+
+
+def resolve_device(text: str) -> torch.device:
+    """--device auto|cpu|cuda|cuda:N; a device that is not there is a usage error."""
+    from labs.errors import UsageError
+
+    text = text.strip().lower()
+    if text == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    if text == "cuda" or text.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {text}: no CUDA GPU is visible on this machine "
+                             f"(use --device cpu or auto)")
+        index_text = text.partition(":")[2] or "0"
+        if not index_text.isdigit():
+            raise UsageError(f"--device {text}: expected cuda:N with N a GPU index")
+        index = int(index_text)
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"--device {text}: only {torch.cuda.device_count()} GPU(s) "
+                             f"visible (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+        return torch.device("cuda", index)
+    raise UsageError(f"--device {text}: expected auto, cpu, cuda or cuda:N")

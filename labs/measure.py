@@ -1,0 +1,327 @@
+"""Honest timing and memory for one process.
+
+Rules (DESIGN.md, "Measuring honestly"):
+- warmup steps (cuDNN autotuning, torch.compile, allocator growth) are excluded;
+- GPU work is asynchronous, so step boundaries are CUDA events read once per epoch: no
+  host sync inside the timed loop;
+- a step's time runs from the end of the previous step to the end of this one, so time the
+  GPU sat idle waiting for data counts against throughput; the host's wait for the next
+  batch is also recorded on its own (data-wait share);
+- peak memory statistics are reset when warmup ends, for every device the process drives;
+- summaries are medians with p10/p90, not one mean.
+
+``Meter`` collects one process's raw numbers into a plain dict (``rank_summary``);
+``combine`` turns the dicts of every rank into the ``metrics`` block of a result file.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import socket
+import sys
+import threading
+import time
+
+import numpy as np
+import psutil
+import torch
+
+
+def percentile(values, q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=float), q))
+
+
+def spread(values) -> dict:
+    """median, p10 and p90 of a non-empty sequence."""
+    return {"median": percentile(values, 50), "p10": percentile(values, 10),
+            "p90": percentile(values, 90)}
+
+
+class _Clock:
+    """Marks step boundaries: CUDA events on a GPU (read later), perf_counter elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(torch.cuda.current_stream(self.device))
+            return event
+        return time.perf_counter()
+
+    def seconds(self, start, end) -> float:
+        if self.cuda:
+            return start.elapsed_time(end) / 1000.0  # elapsed_time is in milliseconds
+        return end - start
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+
+class DeviceSampler:
+    """Samples GPU utilisation and power (NVML) and host RSS in a background thread."""
+
+    def __init__(self, devices: list[torch.device], interval_s: float = 0.25):
+        self.devices = devices
+        self.interval_s = interval_s
+        self.process = psutil.Process()
+        self.rss_peak = 0
+        self.utilization: dict[int, list[float]] = {}
+        self.power: dict[int, list[float]] = {}
+        self.note: str | None = None
+        self._handles = self._nvml_handles()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _nvml_handles(self) -> dict:
+        cuda = [d for d in self.devices if d.type == "cuda"]
+        if not cuda:
+            return {}
+        try:
+            import pynvml  # from the optional `nvidia-ml-py` package
+
+            pynvml.nvmlInit()
+        except Exception:  # noqa: BLE001 - absent package or driver: report, don't fail
+            self.note = ("GPU utilisation and power not measured: NVML unavailable "
+                         "(pip install 'dp-vs-ddp-lab[gpu]')")
+            return {}
+        handles = {}
+        for device in cuda:
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            props = torch.cuda.get_device_properties(index)
+            # CUDA_VISIBLE_DEVICES renumbers devices; the PCI bus id is the same in both.
+            bus_id = (f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:"
+                      f"{props.pci_device_id:02x}.0")
+            try:
+                handles[index] = pynvml.nvmlDeviceGetHandleByPciBusId(bus_id)
+            except Exception:  # noqa: BLE001
+                self.note = "GPU utilisation and power not measured: NVML could not map a device"
+        return handles
+
+    def _sample(self) -> None:
+        try:
+            self.rss_peak = max(self.rss_peak, self.process.memory_info().rss)
+        except psutil.Error:
+            pass
+        if self._handles:
+            import pynvml
+
+            for index, handle in self._handles.items():
+                try:
+                    self.utilization.setdefault(index, []).append(
+                        float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu))
+                    self.power.setdefault(index, []).append(
+                        pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0)  # mW -> W
+                except Exception:  # noqa: BLE001
+                    pass
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def start(self) -> None:
+        self._sample()
+        self._thread = threading.Thread(target=self._loop, name="device-sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        self._sample()
+
+    def utilization_pct(self, index) -> float | None:
+        values = self.utilization.get(index)
+        return float(np.median(values)) if values else None
+
+    def power_w(self, index) -> float | None:
+        values = self.power.get(index)
+        return float(np.mean(values)) if values else None
+
+
+def host_peak_rss_bytes(sampled: int) -> int:
+    """Largest of what was sampled and the kernel's own high-water mark."""
+    peak = sampled
+    if sys.platform.startswith("linux"):
+        peak = max(peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    elif sys.platform == "darwin":
+        peak = max(peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return int(peak)
+
+
+class Meter:
+    """One process's step times, data wait, epoch times, losses and peak memory.
+
+    The training loop calls ``start_epoch``, then ``end_step(data_wait_s)`` after each
+    optimizer step, then ``end_epoch(mean_loss)``; only ``end_epoch`` waits for the GPU.
+    """
+
+    def __init__(self, device: torch.device, warmup_steps: int, samples_per_step: int,
+                 devices: list[torch.device] | None = None):
+        self.device = device
+        self.devices = devices or [device]  # DataParallel drives several from one process
+        self.warmup_steps = warmup_steps
+        self.samples_per_step = samples_per_step
+        self.clock = _Clock(device)
+        self.sampler = DeviceSampler(self.devices)
+        self.steps_done = 0
+        self.step_times: list[float] = []
+        self.epoch_times: list[float] = []
+        self.loss_per_epoch: list[float] = []
+        self.measured_data_wait_s = 0.0
+        self._pending: list[tuple] = []
+        self._last_mark = None
+        self._epoch_started = 0.0
+        self._sampling = False
+
+    @property
+    def warming_up(self) -> bool:
+        return self.steps_done < self.warmup_steps
+
+    def start_epoch(self) -> None:
+        self._epoch_started = time.perf_counter()
+        self._last_mark = self.clock.mark()
+        if self.warmup_steps == 0 and not self._sampling:
+            self._warmup_done()
+
+    def end_step(self, data_wait_s: float) -> None:
+        mark = self.clock.mark()
+        if not self.warming_up:
+            self._pending.append((self._last_mark, mark))
+            self.measured_data_wait_s += data_wait_s
+        self._last_mark = mark
+        self.steps_done += 1
+        if self.steps_done == self.warmup_steps:
+            self._warmup_done()
+
+    def _warmup_done(self) -> None:
+        for device in self.devices:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+        self.sampler.start()
+        self._sampling = True
+
+    def end_epoch(self, mean_loss: torch.Tensor | float | None) -> None:
+        """Wait for the device once, then turn this epoch's marks into seconds."""
+        self.clock.synchronize()
+        self.step_times.extend(self.clock.seconds(a, b) for a, b in self._pending)
+        self._pending.clear()
+        self.epoch_times.append(time.perf_counter() - self._epoch_started)
+        if mean_loss is not None:
+            value = float(mean_loss)
+            self.loss_per_epoch.append(value if math.isfinite(value) else float("nan"))
+
+    def flush(self) -> None:
+        """Keep the steps of an epoch cut short (interrupt, OOM) when the device allows."""
+        if self._pending:
+            try:
+                self.clock.synchronize()
+                self.step_times.extend(self.clock.seconds(a, b) for a, b in self._pending)
+            except Exception:  # noqa: BLE001 - a broken device: the steps are lost, say so
+                pass
+            self._pending.clear()
+
+    def rank_summary(self, rank: int = 0) -> dict:
+        """Everything this process measured, as plain data (sent to rank 0 under DDP)."""
+        if self._sampling:
+            self.sampler.stop()
+            self._sampling = False
+        host = socket.gethostname()
+        step_median = float(np.median(self.step_times)) if self.step_times else None
+        per_device = []
+        notes = []
+        for device in self.devices:
+            entry = {"device": str(device), "index": device.index, "host": host,
+                     "rank": rank, "name": None, "peak_allocated_bytes": None,
+                     "peak_reserved_bytes": None, "step_time_s": step_median,
+                     "utilization_pct": None, "power_w": None}
+            if device.type == "cuda":
+                index = device.index if device.index is not None else torch.cuda.current_device()
+                entry.update(
+                    index=index,
+                    name=torch.cuda.get_device_name(index),
+                    peak_allocated_bytes=int(torch.cuda.max_memory_allocated(index)),
+                    peak_reserved_bytes=int(torch.cuda.max_memory_reserved(index)),
+                    utilization_pct=self.sampler.utilization_pct(index),
+                    power_w=self.sampler.power_w(index),
+                )
+            per_device.append(entry)
+        if any(d.type != "cuda" for d in self.devices):
+            notes.append("Device memory is not measured on the CPU (no allocator "
+                         "statistics); see host_peak_rss_bytes.")
+        if self.sampler.note:
+            notes.append(self.sampler.note)
+        return {
+            "rank": rank,
+            "host": host,
+            "samples_per_step": self.samples_per_step,
+            "step_times_s": list(self.step_times),
+            "measured_data_wait_s": self.measured_data_wait_s,
+            "epoch_time_s": list(self.epoch_times),
+            "loss_per_epoch": list(self.loss_per_epoch),
+            "warmup_steps": self.warmup_steps,
+            "per_device": per_device,
+            "host_peak_rss_bytes": host_peak_rss_bytes(self.sampler.rss_peak),
+            "notes": notes,
+        }
+
+
+def combine(ranks: list[dict]) -> tuple[dict, list[str]]:
+    """The ``metrics`` block of a result from every rank's summary, and notes about it.
+
+    Each rank runs the same steps in lock-step (DDP synchronises every step), so step i's
+    global time is the slowest rank's, and global samples per step is the sum over ranks.
+    Global throughput = global samples in the measured steps / slowest rank's wall time.
+    """
+    notes: list[str] = []
+    ranks = sorted(ranks, key=lambda r: r["rank"])
+    steps = min(len(r["step_times_s"]) for r in ranks)
+    if any(len(r["step_times_s"]) != steps for r in ranks):
+        notes.append("Ranks measured different numbers of steps; the extra steps of the "
+                     "faster ranks are left out.")
+    global_samples_per_step = sum(r["samples_per_step"] for r in ranks)
+    step_times = np.max(np.array([r["step_times_s"][:steps] for r in ranks], dtype=float),
+                        axis=0) if steps else np.array([])
+    metrics: dict = {
+        "steps_measured": int(steps),
+        "warmup_steps": int(ranks[0]["warmup_steps"]),
+        "global_samples_per_step": int(global_samples_per_step),
+    }
+    if steps:
+        throughput = global_samples_per_step / step_times
+        slowest_wall = max(sum(r["step_times_s"][:steps]) for r in ranks)
+        metrics["throughput_img_s"] = {**spread(throughput),
+                                       "mean": global_samples_per_step * steps / slowest_wall}
+        metrics["step_time_s"] = spread(step_times)
+        wait = max(r["measured_data_wait_s"] for r in ranks)
+        metrics["data_wait_fraction"] = min(1.0, wait / slowest_wall) if slowest_wall else None
+    else:
+        metrics["throughput_img_s"] = None
+        metrics["step_time_s"] = None
+        metrics["data_wait_fraction"] = None
+        notes.append("No step was measured after warmup, so there is no throughput.")
+    epochs = min(len(r["epoch_time_s"]) for r in ranks)
+    metrics["epoch_time_s"] = [max(r["epoch_time_s"][e] for r in ranks) for e in range(epochs)]
+    n_losses = min(len(r["loss_per_epoch"]) for r in ranks)
+    # Each rank's loss is the mean over its own batches; equal batch sizes make the mean
+    # over ranks the mean over the global batch.
+    metrics["loss_per_epoch"] = [float(np.mean([r["loss_per_epoch"][e] for r in ranks]))
+                                 for e in range(n_losses)]
+    metrics["final_loss"] = metrics["loss_per_epoch"][-1] if n_losses else None
+    metrics["per_device"] = [d for r in ranks for d in r["per_device"]]
+    metrics["host_peak_rss_bytes"] = max(r["host_peak_rss_bytes"] for r in ranks)
+    metrics["per_rank"] = [
+        {"rank": r["rank"], "host": r["host"], "steps_measured": len(r["step_times_s"]),
+         "step_time_s": spread(r["step_times_s"]) if r["step_times_s"] else None,
+         "data_wait_s": r["measured_data_wait_s"]}
+        for r in ranks
+    ]
+    for r in ranks:
+        for note in r["notes"]:
+            if note not in notes:
+                notes.append(note)
+    return metrics, notes

@@ -1,0 +1,142 @@
+"""The training loop shared by steps 02, 03 and 04.
+
+It knows nothing of DataParallel or DistributedDataParallel: the scripts wrap the model
+before handing it over. The one hook DDP needs, skipping the gradient all-reduce on the
+micro-steps of gradient accumulation, comes in as ``skip_grad_sync`` (a context manager
+factory such as ``ddp_model.no_sync``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Callable, ContextManager
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from labs.errors import UsageError
+from labs.measure import Meter
+
+
+def resolve_amp(requested: str, device: torch.device) -> str:
+    """auto: bf16 on GPUs that support it, fp16 on older GPUs, off on the CPU."""
+    if requested != "auto":
+        return requested
+    if device.type != "cuda":
+        return "off"  # CPU autocast is slower than fp32 on CPUs without bf16 units
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def autocast_dtype(amp: str) -> torch.dtype | None:
+    return {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}[amp]
+
+
+def configure_backends(device: torch.device) -> None:
+    """Library switches every GPU run wants (recorded in the result's config)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # autotune convolutions; warmup absorbs it
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 parts
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def prepare_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_optimizer(model: nn.Module, lr: float, device: torch.device) -> torch.optim.SGD:
+    """SGD with momentum; the fused CUDA kernel on GPUs, foreach elsewhere."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    implementation = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4, **implementation)
+
+
+def default_lr(global_batch: int) -> float:
+    return 0.1 * global_batch / 256  # linear scaling rule (Goyal et al., 2017)
+
+
+def steps_per_epoch(batches_per_epoch: int, grad_accum_steps: int,
+                    cap: int | None) -> int:
+    steps = batches_per_epoch // grad_accum_steps
+    return min(steps, cap) if cap else steps
+
+
+def check_schedule(steps: int, epochs: int, warmup_steps: int, what: str) -> None:
+    """Refuse a run that would measure nothing, before any work is done."""
+    if steps < 1:
+        raise UsageError(f"{what}: not even one optimizer step per epoch; use a larger "
+                         f"--dataset-size or a smaller --batch-size/--grad-accum-steps")
+    if warmup_steps >= steps * epochs:
+        raise UsageError(f"--warmup-steps {warmup_steps} leaves nothing to measure in "
+                         f"{epochs} epoch(s) of {steps} step(s); lower it or run longer")
+
+
+class Trainer:
+    """Runs epochs of SGD on (model, loader), feeding a Meter."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 device: torch.device, *, amp: str, channels_last: bool,
+                 grad_accum_steps: int, meter: Meter, steps_per_epoch: int, epochs: int,
+                 skip_grad_sync: Callable[[], ContextManager] | None = None,
+                 show_progress: bool = True):
+        self.model = model
+        self.optimizer = optimizer
+        self.device = device
+        self.dtype = autocast_dtype(amp)
+        # GradScaler keeps fp16 gradients from underflowing; bf16 has fp32's range.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.grad_accum_steps = grad_accum_steps
+        self.meter = meter
+        self.steps_per_epoch = steps_per_epoch
+        self.epochs = epochs
+        self.skip_grad_sync = skip_grad_sync
+        self.show_progress = show_progress
+        self.criterion = nn.CrossEntropyLoss()
+
+    def _micro_step(self, images, labels, last_micro_step: bool) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        labels = labels.to(self.device, non_blocking=True)
+        no_sync = (self.skip_grad_sync is not None and not last_micro_step)
+        with (self.skip_grad_sync() if no_sync else contextlib.nullcontext()):
+            with torch.autocast(self.device.type, dtype=self.dtype,
+                                enabled=self.dtype is not None):
+                loss = self.criterion(self.model(images), labels) / self.grad_accum_steps
+            self.scaler.scale(loss).backward()
+        return loss.detach()
+
+    def train_one_epoch(self, loader, epoch: int) -> float:
+        """One epoch; returns the mean loss (read once, at the end: one host sync)."""
+        self.model.train()
+        meter = self.meter
+        meter.start_epoch()
+        batches = iter(loader)
+        loss_sum = torch.zeros((), device=self.device)
+        progress = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}",
+                        unit="step", disable=not self.show_progress, dynamic_ncols=True,
+                        leave=True)
+        for _ in range(self.steps_per_epoch):
+            data_wait = 0.0
+            for micro in range(self.grad_accum_steps):
+                started = time.perf_counter()
+                images, labels = next(batches)
+                data_wait += time.perf_counter() - started
+                loss_sum += self._micro_step(images, labels,
+                                             micro == self.grad_accum_steps - 1)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            meter.end_step(data_wait)
+            progress.update()
+        mean_loss = loss_sum / self.steps_per_epoch
+        meter.end_epoch(mean_loss)
+        loss = meter.loss_per_epoch[-1]
+        progress.set_postfix_str(f"loss {loss:.4f}" if math.isfinite(loss) else "loss nan")
+        progress.close()
+        del batches  # stop this epoch's workers before the next epoch starts its own
+        return loss
