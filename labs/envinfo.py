@@ -122,3 +122,19 @@ def resolve_device(text: str) -> torch.device:
                              f"visible (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
         return torch.device("cuda", index)
     raise UsageError(f"--device {text}: expected auto, cpu, cuda or cuda:N")
+
+
+def resolve_gpus(requested: list[int] | None) -> list[int]:
+    """--gpus for DataParallel: default every visible GPU (none on a CPU-only machine);
+    naming a GPU that is not there is a usage error."""
+    from labs.errors import UsageError
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if requested is None:
+        return list(range(visible))
+    missing = [i for i in requested if i >= visible]
+    if missing:
+        have = f"GPUs 0 to {visible - 1}" if visible else "no GPU"
+        raise UsageError(f"--gpus {','.join(map(str, requested))}: this machine has {have}; "
+                         f"omit --gpus to use every visible GPU")
+    return requested

@@ -42,6 +42,25 @@ def configure_backends(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+class AutocastForward(nn.Module):
+    """Runs the wrapped module's forward under autocast with a fixed dtype.
+
+    Autocast state is per thread. Where forward runs in a thread that sets autocast up
+    itself without a dtype (DataParallel's replicas get float16 on CUDA that way), an
+    autocast entered inside forward is the innermost one, so the requested dtype holds.
+    """
+
+    def __init__(self, module: nn.Module, device_type: str, dtype: torch.dtype | None):
+        super().__init__()
+        self.module = module
+        self.device_type = device_type
+        self.dtype = dtype
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None):
+            return self.module(*args, **kwargs)
+
+
 def prepare_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
     model = model.to(device)
     if channels_last:

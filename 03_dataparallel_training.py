@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Step 03: the baseline under nn.DataParallel, one process driving several GPUs.
+
+    python 03_dataparallel_training.py --model resnet50 --batch-size 256 --epochs 5 --gpus 0,1,2,3
+
+`--batch-size` is the GLOBAL batch: every step DataParallel scatters it across --gpus,
+copies the model from GPU 0 to the others, runs the replicas in threads, and gathers
+the outputs back on GPU 0, where the loss and the optimizer step happen. That GPU 0
+surplus (memory and work) and the single Python process are why DDP (step 04) scales
+better. With no GPU or one GPU, DataParallel calls the plain module: the run still
+works and is recorded as world size 1. `grep -n "DP:" 03_dataparallel_training.py`
+lists every line that DataParallel changes.
+"""
+
+import sys
+
+import torch
+from torch.utils.data import RandomSampler
+
+from labs import cli, console, data, envinfo, models, results, train
+from labs.measure import Meter
+
+LAB = "03_dataparallel"
+
+
+def main() -> None:
+    args = cli.parse_args(LAB, __doc__)  # bad input: one line, exit status 2
+    gpu_ids = envinfo.resolve_gpus(args.gpus)  # DP: the GPUs to split each batch across
+    devices = [torch.device("cuda", i) for i in gpu_ids] or [torch.device("cpu")]
+    device = devices[0]  # DP: inputs, outputs, loss and optimizer all live on the first
+    results.prepare_dir(args.results_dir)  # an unwritable folder fails now, not after training
+    if args.batch_size < len(devices):
+        raise cli.UsageError(f"--batch-size {args.batch_size} is the global batch; it must "
+                             f"be at least the number of GPUs ({len(devices)})")
+    if device.type == "cpu" and args.preset is None:
+        print("warning: no GPU in use: a full ResNet-50 run on the CPU takes hours; "
+              "try --preset smoke (seconds) or --preset cpu (a minute)", file=sys.stderr)
+
+    torch.manual_seed(args.seed)
+    train.configure_backends(device)
+    amp = train.resolve_amp(args.amp, device)
+
+    dataset = data.build_dataset(args, device)
+    sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(args.seed))
+    num_workers = data.default_num_workers(args)
+    loader = data.build_loader(dataset, args, sampler, device, args.batch_size, num_workers)
+    steps = train.steps_per_epoch(len(loader), args.grad_accum_steps, args.steps_per_epoch)
+    train.check_schedule(steps, args.epochs, args.warmup_steps, f"{len(dataset)} images")
+
+    model = models.build_model(args.model, args.num_classes)
+    model = train.prepare_model(model, device, args.channels_last)
+    # DP: the replicas run in threads, where DataParallel re-enters autocast without a
+    # dtype (float16 on CUDA); fixing the dtype inside forward keeps bf16 bf16.
+    model = train.AutocastForward(model, device.type, train.autocast_dtype(amp))
+    model = torch.nn.DataParallel(model, device_ids=gpu_ids or None,  # DP: split batches,
+                                  output_device=gpu_ids[0] if gpu_ids else None)  # gather on 0
+    if args.compile:
+        model = torch.compile(model)
+    samples_per_step = args.batch_size * args.grad_accum_steps
+    lr = args.lr or train.default_lr(samples_per_step)
+    optimizer = train.build_optimizer(model, lr, device)
+
+    meter = Meter(device, args.warmup_steps, samples_per_step,
+                  devices=devices)  # DP: peak memory on every GPU (GPU 0 holds more)
+    trainer = train.Trainer(model, optimizer, device, amp=amp,
+                            channels_last=args.channels_last,
+                            grad_accum_steps=args.grad_accum_steps, meter=meter,
+                            steps_per_epoch=steps, epochs=args.epochs)
+    run = results.Run(
+        LAB, args, strategy="dp",
+        config=results.config_from_args(
+            args, per_device_batch_size=args.batch_size // len(devices),
+            global_batch_size=samples_per_step, steps_per_epoch=steps, amp=amp, lr=lr,
+            num_workers=num_workers, gpus=gpu_ids),
+        world={"world_size": 1, "nnodes": 1, "backend": None,  # DP: one process, N devices
+               "devices": [envinfo.device_entry(d) for d in devices]},
+    )
+    if len(devices) == 1:  # DP: nothing to split across
+        where = "one GPU" if gpu_ids else "the CPU"
+        run.note(f"DataParallel on {where} is the plain module: world size 1, so this "
+                 f"measures DataParallel's overhead, not scaling.")
+    if args.batch_size % len(devices):
+        run.note(f"The global batch of {args.batch_size} does not split evenly across "
+                 f"{len(devices)} GPUs; the last GPU gets fewer images.")
+
+    with run.guard(meter):  # OOM, Ctrl-C or a crash still writes a result with its status
+        for epoch in range(args.epochs):
+            trainer.train_one_epoch(loader, epoch)
+
+    path = run.write([meter.rank_summary()])
+    console.print_summary(run.record, path)
+
+
+if __name__ == "__main__":
+    cli.run(main)
