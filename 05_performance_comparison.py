@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Step 05: compare every run in the results folder and write one report.
+
+    python 05_performance_comparison.py --results-dir ./results --generate-plots \
+        --output-report comparison_report.html
+    python 05_performance_comparison.py --format md      # Markdown instead of HTML
+
+Each run is compared with the matching single-device run from step 02 (same model, image
+size, per-device batch, precision, layout, compile setting, data and device):
+
+    speedup             = throughput_N / throughput_baseline
+    scaling efficiency  = throughput_N / (N x throughput_baseline)
+
+N is the number of GPUs DataParallel splits each batch over, or the DDP world size.
+Beside the report goes a CSV of its main table (same name, .csv); with --generate-plots
+every figure is also saved as a PNG. Files that are not valid results are listed in the
+report with the reason, never fatal.
+"""
+
+import argparse
+from pathlib import Path
+
+from labs import cli, results
+from labs.report import analysis, environment, loading, output, plots, render
+
+FORMATS = ("html", "md")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = cli.OneLineParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results-dir", type=Path, default=Path("results"), metavar="DIR",
+                        help="folder with the JSON result files of steps 01-04 "
+                             "(default: results)")
+    parser.add_argument("--output-report", type=Path, metavar="PATH",
+                        help="report file to write (default: comparison_report.html, or "
+                             ".md with --format md); the table's CSV goes beside it")
+    parser.add_argument("--format", choices=FORMATS, default="html",
+                        help="html: one self-contained file with the figures embedded; "
+                             "md: Markdown (default: html)")
+    parser.add_argument("--generate-plots", action="store_true",
+                        help="also save every figure as a PNG beside the report")
+    args = parser.parse_args(argv)
+    if args.output_report is None:
+        args.output_report = Path(f"comparison_report.{args.format}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)  # bad input: one line, exit status 2, nothing written
+    out = output.plan(args.output_report)  # an unwritable path fails now, not at the end
+
+    # 1. Load: every *.json file; a bad one is listed with its reason, never fatal.
+    folder = loading.load_folder(args.results_dir)
+
+    # 2. Analyse: one row per run, repeats aggregated, each run matched with its baseline.
+    runs = analysis.run_frame(folder)
+    table = analysis.compare(runs)
+
+    # 3. Figures, including step 01's all-reduce bandwidth when it was measured.
+    allreduce, why_not = environment.allreduce_series(folder.environments, folder.file_of)
+    figures = plots.make_plots(table, allreduce, why_not)
+
+    # 4. Render: the same context becomes HTML (autoescaped) or Markdown.
+    context = render.build_context(folder, table, figures, allreduce,
+                                   generated_by=results.command_line())
+    to_save = [f for f in figures if args.generate_plots and f.png is not None]
+    if args.format == "html":
+        text = render.html(context)  # figures embedded as data URIs, always
+    else:
+        text = render.markdown(context, {f.key: out.png(f.key).name for f in to_save})
+
+    # 5. Write, each file atomically: the figures, the table's CSV, then the report.
+    for figure in to_save:
+        output.write_atomic(out.png(figure.key), figure.png)
+    output.write_atomic(out.csv, render.csv(table))
+    output.write_atomic(out.report, text)
+
+    print(f"report   {out.report}\ntable    {out.csv}")
+    if args.generate_plots:
+        print(f"plots    {len(to_save)} PNG file(s) beside the report")
+    print(f"runs     {len(folder.runs)} compared in {len(table)} configuration(s), "
+          f"{len(folder.unfinished)} unfinished, {len(folder.skipped)} file(s) skipped")
+    for name, reason in folder.skipped:
+        print(f"skipped  {name}: {reason}")
+
+
+if __name__ == "__main__":
+    cli.run(main)

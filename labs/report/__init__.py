@@ -1,0 +1,12 @@
+"""Step 05's report: result files in, tables, figures and one HTML (or Markdown) file out.
+
+The report reads result files only, never live objects (DESIGN.md):
+
+    loading      every *.json of the folder through labs.results.load_result
+    analysis     one row per run, one per configuration; baselines and efficiency (pandas)
+    narrative    verdict, "what this shows", caveats and methodology, from the numbers
+    environment  step 01's environment file and the machines the runs name
+    plots        the figures (matplotlib, Agg)
+    render       HTML (jinja2, autoescaped), Markdown and CSV
+    output       where the files go, written atomically
+"""

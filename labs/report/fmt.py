@@ -1,0 +1,49 @@
+"""How numbers read in the report: one place, so the HTML, Markdown and text agree."""
+
+from __future__ import annotations
+
+import math
+
+
+def missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def gib(n_bytes) -> str:
+    return "n/a" if missing(n_bytes) else f"{n_bytes / 2**30:.2f} GiB"
+
+
+def rate(img_s) -> str:
+    if missing(img_s):
+        return "n/a"
+    return f"{img_s:,.0f}" if img_s >= 100 else f"{img_s:,.1f}"
+
+
+def seconds(value) -> str:
+    if missing(value):
+        return "n/a"
+    if value < 1:
+        return f"{value * 1e3:,.1f} ms"
+    return f"{value:,.2f} s" if value < 100 else f"{value:,.0f} s"
+
+
+def pct(fraction, digits: int = 0) -> str:
+    return "n/a" if missing(fraction) else f"{100 * fraction:.{digits}f}%"
+
+
+def times(factor) -> str:
+    return "n/a" if missing(factor) else f"{factor:.2f}×"
+
+
+def size(n_bytes) -> str:
+    if missing(n_bytes):
+        return "n/a"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:g} {unit}" if n_bytes % scale == 0 else \
+                f"{n_bytes / scale:.1f} {unit}"
+    return f"{int(n_bytes)} B"
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    return f"{n} {word if n == 1 else (many or word + 's')}"
