@@ -45,8 +45,10 @@ def rank_main(args) -> None:
     backend = distributed.choose_backend(args.backend, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # DDP: one GPU per rank, chosen by local rank
-    dist.init_process_group(  # DDP: join the group; a dead peer times out, not hangs
-        backend, timeout=datetime.timedelta(seconds=args.timeout_s),
+    timeout = datetime.timedelta(seconds=args.timeout_s)  # a dead peer times out, not hangs
+    dist.init_process_group(  # DDP: join the group
+        backend, timeout=timeout, rank=rank, world_size=world_size,
+        store=distributed.store_for_attempt(ranks, timeout),  # None: env:// as usual
         device_id=device if backend == "nccl" else None)
     try:
         run_training(args, ranks, device, backend, master_process)

@@ -70,21 +70,21 @@ PRESETS = {
 LABS = ("02_baseline", "03_dataparallel", "04_ddp")
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse prints the whole usage block on an error; the lab prints one line."""
 
     def error(self, message: str) -> None:  # noqa: D401 - argparse's signature
         raise UsageError(f"{message} (see --help)")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = _int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
 
 
-def _non_negative_int(text: str) -> int:
+def non_negative_int(text: str) -> int:
     value = _int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be zero or more, got {text!r}")
@@ -125,7 +125,7 @@ def _gpu_list(text: str) -> list[int]:
 def build_parser(lab: str, description: str | None = None) -> argparse.ArgumentParser:
     if lab not in LABS:
         raise ValueError(f"unknown lab {lab!r}")
-    parser = _OneLineParser(
+    parser = OneLineParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -138,18 +138,18 @@ def build_parser(lab: str, description: str | None = None) -> argparse.ArgumentP
                       f"DataParallel (default: {d['batch_size']})")
     else:
         batch_help = f"batch size per process, in images (default: {d['batch_size']})"
-    what.add_argument("--batch-size", type=_positive_int, metavar="N", help=batch_help)
-    what.add_argument("--epochs", type=_positive_int, metavar="N",
+    what.add_argument("--batch-size", type=positive_int, metavar="N", help=batch_help)
+    what.add_argument("--epochs", type=positive_int, metavar="N",
                       help=f"number of epochs (default: {d['epochs']})")
-    what.add_argument("--steps-per-epoch", type=_positive_int, metavar="N",
+    what.add_argument("--steps-per-epoch", type=positive_int, metavar="N",
                       help="cap on optimizer steps per epoch (default: the whole data set)")
-    what.add_argument("--img-size", type=_positive_int, metavar="PX",
+    what.add_argument("--img-size", type=positive_int, metavar="PX",
                       help=f"input height and width in pixels (default: {d['img_size']})")
-    what.add_argument("--num-classes", type=_positive_int, metavar="N",
+    what.add_argument("--num-classes", type=positive_int, metavar="N",
                       help=f"number of output classes (default: {d['num_classes']})")
     what.add_argument("--lr", type=_positive_float, metavar="LR",
                       help="SGD learning rate (default: 0.1 x global batch / 256)")
-    what.add_argument("--grad-accum-steps", type=_positive_int, metavar="N",
+    what.add_argument("--grad-accum-steps", type=positive_int, metavar="N",
                       help="micro-batches accumulated per optimizer step (default: 1)")
 
     data = parser.add_argument_group("data")
@@ -160,10 +160,10 @@ def build_parser(lab: str, description: str | None = None) -> argparse.ArgumentP
                            f"--data-dir, never downloaded (default: {d['data']})")
     data.add_argument("--data-dir", type=Path, metavar="PATH",
                       help="folder with the data set for --data imagefolder or cifar10")
-    data.add_argument("--dataset-size", type=_positive_int, metavar="N",
+    data.add_argument("--dataset-size", type=positive_int, metavar="N",
                       help=f"images per epoch for synthetic/fake data, a cap for real data "
                            f"(default: {d['dataset_size']})")
-    data.add_argument("--num-workers", type=_non_negative_int, metavar="N",
+    data.add_argument("--num-workers", type=non_negative_int, metavar="N",
                       help="DataLoader worker processes (default: from the CPU count; "
                            "synthetic data uses none)")
 
@@ -175,7 +175,7 @@ def build_parser(lab: str, description: str | None = None) -> argparse.ArgumentP
                        help="NHWC memory layout, faster convolutions on tensor cores")
     speed.add_argument("--compile", action="store_true", default=None,
                        help="torch.compile the model (compile time is excluded by warmup)")
-    speed.add_argument("--warmup-steps", type=_non_negative_int, metavar="N",
+    speed.add_argument("--warmup-steps", type=non_negative_int, metavar="N",
                        help=f"steps excluded from every measurement "
                             f"(default: {d['warmup_steps']})")
 
@@ -187,7 +187,7 @@ def build_parser(lab: str, description: str | None = None) -> argparse.ArgumentP
     else:
         where.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
                            help="where to run; auto picks CUDA when present (default: auto)")
-    where.add_argument("--seed", type=_non_negative_int, metavar="N",
+    where.add_argument("--seed", type=non_negative_int, metavar="N",
                        help=f"random seed (default: {d['seed']})")
     where.add_argument("--results-dir", type=Path, default=Path("results"), metavar="DIR",
                        help="folder for the run's JSON result (default: results)")
@@ -205,7 +205,7 @@ def build_parser(lab: str, description: str | None = None) -> argparse.ArgumentP
 
 def _add_ddp_options(parser: argparse.ArgumentParser) -> None:
     launch = parser.add_argument_group("launch (DDP)")
-    launch.add_argument("--nproc", type=_positive_int, metavar="N",
+    launch.add_argument("--nproc", type=positive_int, metavar="N",
                         help="start N processes on this machine yourself instead of "
                              "running under torchrun")
     launch.add_argument("--backend", choices=BACKENDS, default="auto",
@@ -215,7 +215,7 @@ def _add_ddp_options(parser: argparse.ArgumentParser) -> None:
                         help="process-group timeout: a rank waiting longer than this for a "
                              "dead peer gives up (default: 300)")
     # torch.distributed.launch (deprecated) passes --local-rank / --local_rank.
-    launch.add_argument("--local-rank", "--local_rank", type=_non_negative_int,
+    launch.add_argument("--local-rank", "--local_rank", type=non_negative_int,
                         dest="local_rank", help=argparse.SUPPRESS)
 
     ddp = parser.add_argument_group("DistributedDataParallel options")
@@ -233,7 +233,7 @@ def _add_ddp_options(parser: argparse.ArgumentParser) -> None:
                      help="gradient compression before all-reduce (default: none)")
 
     ckpt = parser.add_argument_group("checkpoints (DDP)")
-    ckpt.add_argument("--checkpoint-every", type=_non_negative_int, default=0, metavar="N",
+    ckpt.add_argument("--checkpoint-every", type=non_negative_int, default=0, metavar="N",
                       help="save a checkpoint every N epochs, 0 = never (default: 0)")
     ckpt.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints"),
                       metavar="DIR", help="folder for checkpoints (default: checkpoints)")
@@ -284,6 +284,10 @@ def validate(args: argparse.Namespace) -> None:
     if getattr(args, "resume", None) and args.resume != "auto":
         if not Path(args.resume).is_file():
             raise UsageError(f"--resume {args.resume}: no such checkpoint file")
+    if getattr(args, "static_graph", False) and args.grad_accum_steps > 1:
+        # DDP's static graph expects every backward to all-reduce; no_sync skips some.
+        raise UsageError("--static-graph cannot be combined with --grad-accum-steps > 1 "
+                         "(DDP's static graph does not support no_sync); drop one of them")
     if getattr(args, "nproc", None) and os.environ.get("LOCAL_RANK") is not None:
         raise UsageError("--nproc starts its own processes; do not combine it with torchrun")
 

@@ -79,16 +79,16 @@ def build_dataset(args, device: torch.device) -> Dataset:
         return torchvision.datasets.FakeData(
             size=args.dataset_size, image_size=(3, source, source),
             num_classes=args.num_classes, transform=train_transforms(args.img_size),
-            random_offset=args.seed)
+            random_offset=args.seed * args.dataset_size)  # seeds never share images
     if args.data == "cifar10":
         try:
             dataset = torchvision.datasets.CIFAR10(
                 str(args.data_dir), train=True, download=False,
                 transform=train_transforms(args.img_size))
         except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
-            raise UsageError(f"--data-dir {args.data_dir}: no CIFAR-10 found "
-                             f"(expected cifar-10-batches-py inside; nothing is downloaded): "
-                             f"{err}") from None
+            raise UsageError(f"--data-dir {args.data_dir}: no CIFAR-10 found (expected the "
+                             f"python version, cifar-10-batches-py/, inside; nothing is "
+                             f"downloaded)") from None
         classes = 10
     elif args.data == "imagefolder":
         root = Path(args.data_dir)

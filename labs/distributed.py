@@ -61,6 +61,22 @@ def ranks_from_env(legacy_local_rank: int | None = None) -> Ranks:
                  launcher=launcher)
 
 
+def store_for_attempt(ranks: Ranks, timeout) -> "dist.Store | None":
+    """A rendezvous store of this torchrun attempt's own, after a restart.
+
+    torchrun's agent keeps one key-value store across restarts. The ranks of a restarted
+    attempt would read the addresses the dead attempt's ranks published there, connect to
+    ports nobody listens on any more, and time out; a prefix per attempt keeps them apart.
+    """
+    if ranks.restart_count == 0:
+        return None  # first attempt: the usual env:// rendezvous
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          ranks.world_size, is_master=ranks.rank == 0 and not agent_hosts_store,
+                          timeout=timeout)
+    return dist.PrefixStore(f"lab/attempt{ranks.restart_count}", store)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

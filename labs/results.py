@@ -32,6 +32,8 @@ STATUSES = ("ok", "oom", "interrupted", "failed")
 LAB_NAMES = ("02_baseline", "03_dataparallel", "04_ddp")
 STRATEGIES = ("single", "dp", "ddp")
 MAX_RESULT_BYTES = 20 * 1024 * 1024  # a larger file is not one of ours; never parse it
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # reading the umask means setting it: put it straight back
 
 
 def utc_now() -> str:
@@ -58,6 +60,7 @@ def write_json_atomic(data: dict, path: Path, *, overwrite: bool) -> Path:
     text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False, default=str)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for everyone
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text + "\n")
             handle.flush()
@@ -285,6 +288,8 @@ def load_result(path: Path) -> Loaded:
     except json.JSONDecodeError as err:
         return Loaded(path, None, f"not valid JSON (truncated or corrupt?): {err.msg} "
                                   f"at line {err.lineno}")
+    except (ValueError, RecursionError) as err:  # absurdly nested or huge numbers
+        return Loaded(path, None, f"not valid JSON (corrupt?): {str(err)[:200]}")
     except OSError as err:
         return Loaded(path, None, f"unreadable: {err.strerror or err}")
     if not isinstance(record, dict):

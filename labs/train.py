@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from labs import faults
 from labs.errors import UsageError
 from labs.measure import Meter
 
@@ -117,6 +118,7 @@ class Trainer:
         self.skip_grad_sync = skip_grad_sync
         self.show_progress = show_progress
         self.criterion = nn.CrossEntropyLoss()
+        self.fault = faults.from_env()  # tests inject crashes, OOMs and signals here
 
     def _micro_step(self, images, labels, last_micro_step: bool) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
@@ -140,6 +142,8 @@ class Trainer:
                         unit="step", disable=not self.show_progress, dynamic_ncols=True,
                         leave=True)
         for _ in range(self.steps_per_epoch):
+            if self.fault is not None:
+                self.fault.maybe_fire(meter.steps_done)
             data_wait = 0.0
             for micro in range(self.grad_accum_steps):
                 started = time.perf_counter()

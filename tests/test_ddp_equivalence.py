@@ -1,0 +1,137 @@
+"""DDP computes what one process would on the whole batch: the strongest DDP test.
+
+Workers start with torch.multiprocessing.spawn and meet through a FileStore in pytest's
+tmp_path (no port to collide on), over gloo with one thread per rank. They train with the
+lab's own pieces: labs.train.Trainer, labs.train.build_optimizer and DDP wrapped as 04
+wraps it (gradient_as_bucket_view, small buckets so there are several).
+
+The test model has no batch norm on purpose: BatchNorm normalises each rank's half-batch
+with that half's own mean and variance, so the per-rank gradients are not those of the
+concatenated batch (only SyncBatchNorm, which needs GPUs, would make them equal).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from labs import distributed, train
+from labs.measure import Meter
+
+BATCH_PER_RANK = 4
+WORLD = 2
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 5))
+
+
+def global_batch(micro_batches: int):
+    """The whole batch every test slices: rank r, micro-step m gets its own rows."""
+    gen = torch.Generator().manual_seed(1)
+    n = BATCH_PER_RANK * WORLD * micro_batches
+    return torch.randn(n, 3, 12, 12, generator=gen), torch.randint(0, 5, (n,), generator=gen)
+
+
+def rows_for(rank: int, micro: int, micro_batches: int):
+    """Rank r's rows for micro-step m, laid out so all ranks' micro-step m together are one
+    contiguous block of the global batch."""
+    start = (micro * WORLD + rank) * BATCH_PER_RANK
+    return slice(start, start + BATCH_PER_RANK)
+
+
+def one_step(model, micro_batches: int, batches, skip_grad_sync=None) -> nn.Module:
+    device = torch.device("cpu")
+    # Same learning rate as the single process: DDP averages gradients over ranks, and
+    # the loss is a mean over each rank's batch, so the averaged gradient is the gradient
+    # of the mean loss over the concatenated batch.
+    optimizer = train.build_optimizer(model, lr=0.5, device=device)
+    meter = Meter(device, warmup_steps=0, samples_per_step=BATCH_PER_RANK * micro_batches)
+    trainer = train.Trainer(model, optimizer, device, amp="off", channels_last=False,
+                            grad_accum_steps=micro_batches, meter=meter, steps_per_epoch=1,
+                            epochs=1, skip_grad_sync=skip_grad_sync, show_progress=False)
+    trainer.train_one_epoch(batches, epoch=0)
+    return model
+
+
+def _worker(rank: int, store_path: str, micro_batches: int, out_dir: str,
+            use_no_sync: bool) -> None:
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_path, WORLD)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
+    try:
+        model = DDP(tiny_model(), bucket_cap_mb=0.001, gradient_as_bucket_view=True,
+                    **distributed.buffer_sync(False))
+        all_reduces = {"count": 0}
+
+        def counting_allreduce(state, bucket):
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            state["count"] += 1
+            return default_hooks.allreduce_hook(None, bucket)
+
+        model.register_comm_hook(all_reduces, counting_allreduce)
+        images, labels = global_batch(micro_batches)
+        batches = [(images[rows_for(rank, m, micro_batches)],
+                    labels[rows_for(rank, m, micro_batches)]) for m in range(micro_batches)]
+        one_step(model, micro_batches, batches,
+                 skip_grad_sync=model.no_sync if use_no_sync else None)
+        torch.save({"state": model.module.state_dict(), "all_reduces": all_reduces["count"]},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ddp(tmp_path, micro_batches: int, use_no_sync: bool = True) -> list[dict]:
+    tag = f"{micro_batches}-{use_no_sync}"
+    out = tmp_path / f"out{tag}"
+    out.mkdir()
+    mp.spawn(_worker, args=(str(tmp_path / f"store{tag}"), micro_batches, str(out),
+                            use_no_sync), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def single_process_reference(micro_batches: int) -> dict:
+    images, labels = global_batch(micro_batches)
+    model = one_step(tiny_model(), 1, [(images, labels)])
+    return model.state_dict()
+
+
+def assert_same_weights(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
+
+
+def test_one_ddp_step_equals_one_step_on_the_concatenated_batch(tmp_path):
+    ranks = run_ddp(tmp_path, micro_batches=1)
+    # identical on both ranks: bit for bit, as both applied the same averaged gradient
+    assert_same_weights(ranks[0]["state"], ranks[1]["state"], atol=0)
+    reference = single_process_reference(micro_batches=1)
+    assert_same_weights(ranks[0]["state"], reference, atol=1e-5)
+    # the step really moved the weights (an equality of untouched weights proves nothing)
+    untouched = tiny_model().state_dict()
+    assert any(not torch.allclose(untouched[k], reference[k]) for k in reference)
+
+
+def test_gradient_accumulation_with_no_sync_equals_the_large_batch_step(tmp_path):
+    accumulated = run_ddp(tmp_path, micro_batches=2)
+    assert_same_weights(accumulated[0]["state"], accumulated[1]["state"], atol=0)
+    assert_same_weights(accumulated[0]["state"], single_process_reference(2), atol=1e-5)
+    # no_sync skipped the all-reduce of the first micro-step: a step costs the all-reduces
+    # of one backward, where accumulating without no_sync costs those of every micro-step
+    plain = run_ddp(tmp_path, micro_batches=1)
+    without_no_sync = run_ddp(tmp_path, micro_batches=2, use_no_sync=False)
+    assert accumulated[0]["all_reduces"] == plain[0]["all_reduces"] >= 1
+    # (DDP re-buckets after its first backward, so the second micro-step may use more
+    # buckets than the first: compare, don't multiply)
+    assert without_no_sync[0]["all_reduces"] > accumulated[0]["all_reduces"]
+    assert_same_weights(without_no_sync[0]["state"], accumulated[0]["state"], atol=1e-5)

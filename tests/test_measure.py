@@ -1,0 +1,297 @@
+"""Measurement arithmetic (labs/measure.py): percentiles, the Meter's warmup bookkeeping,
+and how ``combine`` turns every rank's numbers into one result's metrics."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from labs.measure import Meter, combine, percentile, spread
+
+CPU = torch.device("cpu")
+
+
+# --- spread / percentile ---------------------------------------------------------------
+
+def test_spread_of_known_values():
+    # 1..11: linear interpolation puts p10 exactly on the 2nd value and p90 on the 10th.
+    values = list(range(1, 12))
+    assert spread(values) == {"median": 6.0, "p10": 2.0, "p90": 10.0}
+
+
+def test_spread_interpolates_between_values():
+    # Two values 0 and 10: p10 is 10 % of the way, p90 is 90 % of the way.
+    s = spread([10.0, 0.0])
+    assert s["p10"] == pytest.approx(1.0)
+    assert s["median"] == pytest.approx(5.0)
+    assert s["p90"] == pytest.approx(9.0)
+
+
+def test_spread_ignores_input_order_and_is_ordered():
+    values = [0.5, 3.0, 0.1, 7.5, 2.2, 9.9, 4.4, 0.3]
+    shuffled = values[:]
+    random.Random(1).shuffle(shuffled)
+    s = spread(values)
+    assert spread(shuffled) == s
+    assert min(values) <= s["p10"] <= s["median"] <= s["p90"] <= max(values)
+    assert s["p10"] < s["median"] < s["p90"]  # distinct values: a real spread
+
+
+def test_spread_of_one_value():
+    assert spread([0.25]) == {"median": 0.25, "p10": 0.25, "p90": 0.25}
+
+
+def test_percentile_accepts_ints_and_returns_a_float():
+    assert percentile([1, 2, 3, 4, 5], 50) == 3.0
+    assert isinstance(percentile([1, 2, 3], 50), float)
+
+
+# --- Meter, driven by hand ---------------------------------------------------------------
+
+class FakeClock:
+    """Stands in for the Meter's clock: the test says what time it is."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.synchronized = 0
+
+    def mark(self):
+        return self.now
+
+    def seconds(self, start, end):
+        return end - start
+
+    def synchronize(self):
+        self.synchronized += 1
+
+
+def hand_meter(warmup_steps: int, samples_per_step: int = 4) -> tuple[Meter, FakeClock]:
+    meter = Meter(CPU, warmup_steps=warmup_steps, samples_per_step=samples_per_step)
+    clock = FakeClock()
+    meter.clock = clock
+    return meter, clock
+
+
+def drive(meter: Meter, clock: FakeClock, epochs: list[list[float]], *,
+          epoch_gap: float = 100.0, wait_per_step=lambda k: 0.0, loss=1.0):
+    """Run epochs of steps with the given durations (seconds); step k (1-based, counted
+    over the whole run) reports a data wait of wait_per_step(k)."""
+    k = 0
+    for durations in epochs:
+        clock.now += epoch_gap  # time between epochs must never count as a step
+        meter.start_epoch()
+        for duration in durations:
+            k += 1
+            clock.now += duration
+            meter.end_step(wait_per_step(k))
+        meter.end_epoch(loss)
+
+
+def test_meter_excludes_exactly_the_warmup_steps():
+    meter, clock = hand_meter(warmup_steps=2)
+    drive(meter, clock, [[1.0, 2.0, 3.0, 4.0, 5.0]])
+    assert meter.step_times == [3.0, 4.0, 5.0]  # the first two steps were warmup
+    assert meter.steps_done == 5
+    assert not meter.warming_up
+    meter.rank_summary()  # stops the sampler thread started when warmup ended
+
+
+def test_meter_warmup_spanning_an_epoch_boundary():
+    meter, clock = hand_meter(warmup_steps=4)
+    # Epoch 1 is all warmup; epoch 2's first step is the last warmup step.
+    drive(meter, clock, [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    assert meter.step_times == [5.0, 6.0]
+    assert len(meter.epoch_times) == 2
+    assert meter.loss_per_epoch == [1.0, 1.0]
+    assert clock.synchronized == 2  # one device wait per epoch, none per step
+    summary = meter.rank_summary()
+    assert summary["step_times_s"] == [5.0, 6.0]
+    assert summary["warmup_steps"] == 4
+
+
+def test_meter_first_measured_step_of_an_epoch_starts_at_the_epoch_start():
+    meter, clock = hand_meter(warmup_steps=1)
+    drive(meter, clock, [[1.0, 2.0], [3.0, 4.0]], epoch_gap=50.0)
+    # The 50 s between epochs is not part of step 3.
+    assert meter.step_times == [2.0, 3.0, 4.0]
+    meter.rank_summary()
+
+
+def test_meter_without_warmup_measures_every_step():
+    meter, clock = hand_meter(warmup_steps=0)
+    meter.start_epoch()
+    assert meter._sampling  # warmup 0: the sampler starts with the first epoch
+    meter.end_epoch(None)
+    drive(meter, clock, [[1.0, 2.0], [3.0]])
+    assert meter.step_times == [1.0, 2.0, 3.0]
+    meter.rank_summary()
+    assert not meter._sampling
+
+
+def test_meter_data_wait_counts_only_measured_steps():
+    meter, clock = hand_meter(warmup_steps=3)
+    # step k waits k/100 s for its batch; steps 1-3 are warmup.
+    drive(meter, clock, [[1.0] * 3, [1.0] * 3], wait_per_step=lambda k: k / 100)
+    assert meter.measured_data_wait_s == pytest.approx((4 + 5 + 6) / 100)
+    assert meter.rank_summary()["measured_data_wait_s"] == pytest.approx(0.15)
+
+
+def test_meter_all_warmup_measures_nothing():
+    meter, clock = hand_meter(warmup_steps=10)
+    drive(meter, clock, [[1.0, 1.0, 1.0]], wait_per_step=lambda k: 0.5)
+    assert meter.step_times == []
+    assert meter.measured_data_wait_s == 0.0
+    assert meter.warming_up
+
+
+def test_meter_records_losses_and_non_finite_loss_as_nan():
+    meter, clock = hand_meter(warmup_steps=0)
+    meter.start_epoch()
+    clock.now += 1
+    meter.end_step(0.0)
+    meter.end_epoch(torch.tensor(2.5))
+    meter.start_epoch()
+    clock.now += 1
+    meter.end_step(0.0)
+    meter.end_epoch(float("inf"))
+    meter.start_epoch()
+    meter.end_epoch(None)  # no loss: nothing appended
+    assert meter.loss_per_epoch[0] == 2.5
+    assert math.isnan(meter.loss_per_epoch[1])
+    assert len(meter.loss_per_epoch) == 2
+    assert len(meter.epoch_times) == 3
+    meter.rank_summary()
+
+
+def test_meter_flush_keeps_the_steps_of_an_epoch_cut_short():
+    meter, clock = hand_meter(warmup_steps=1)
+    meter.start_epoch()
+    for duration in (1.0, 2.0, 3.0):
+        clock.now += duration
+        meter.end_step(0.0)
+    assert meter.step_times == []  # not read until the epoch ends...
+    meter.flush()  # ...or the run is cut short
+    assert meter.step_times == [2.0, 3.0]
+    meter.flush()
+    assert meter.step_times == [2.0, 3.0]  # nothing counted twice
+    meter.rank_summary()
+
+
+def test_meter_with_the_real_clock_measures_positive_times():
+    meter = Meter(CPU, warmup_steps=1, samples_per_step=2)
+    for _ in range(2):
+        meter.start_epoch()
+        for _ in range(3):
+            torch.ones(64, 64) @ torch.ones(64, 64)
+            meter.end_step(0.0)
+        meter.end_epoch(0.5)
+    summary = meter.rank_summary()
+    assert len(summary["step_times_s"]) == 5
+    assert all(t > 0 for t in summary["step_times_s"])
+    assert all(t > 0 for t in summary["epoch_time_s"])
+    assert summary["samples_per_step"] == 2
+    assert summary["host_peak_rss_bytes"] > 0
+    [device] = summary["per_device"]
+    assert device["device"] == "cpu"
+    assert device["peak_allocated_bytes"] is None  # not measurable on the CPU...
+    assert any("not measured on the CPU" in n for n in summary["notes"])  # ...and said so
+
+
+# --- combine ---------------------------------------------------------------------------
+
+def rank_summary(rank, step_times, *, samples=10, wait=0.0, epochs=(1.0,), losses=(1.0,),
+                 rss=1000, notes=(), warmup=2):
+    return {
+        "rank": rank,
+        "host": f"host{rank}",
+        "samples_per_step": samples,
+        "step_times_s": list(step_times),
+        "measured_data_wait_s": wait,
+        "epoch_time_s": list(epochs),
+        "loss_per_epoch": list(losses),
+        "warmup_steps": warmup,
+        "per_device": [{"device": f"cuda:{rank}", "rank": rank, "step_time_s": None}],
+        "host_peak_rss_bytes": rss,
+        "notes": list(notes),
+    }
+
+
+def two_ranks():
+    r0 = rank_summary(0, [1.0, 2.0, 3.0], wait=0.7, epochs=[5.0, 4.0], losses=[2.0, 1.0],
+                      rss=100, notes=["same note"])
+    r1 = rank_summary(1, [2.0, 1.0, 4.0], wait=1.4, epochs=[4.0, 6.0], losses=[4.0, 3.0],
+                      rss=300, notes=["same note", "rank 1 note"])
+    return r0, r1
+
+
+def test_combine_global_throughput_uses_global_samples_and_the_slowest_rank():
+    r0, r1 = two_ranks()
+    metrics, _ = combine([r1, r0])  # any order
+    assert metrics["steps_measured"] == 3
+    assert metrics["global_samples_per_step"] == 20
+    # rank 1 is the slowest: 2 + 1 + 4 = 7 s for 3 steps of 20 images.
+    assert metrics["throughput_img_s"]["mean"] == pytest.approx(60 / 7)
+
+
+def test_combine_step_time_is_the_slowest_rank_per_step():
+    r0, r1 = two_ranks()
+    metrics, _ = combine([r0, r1])
+    # per-step max over ranks: [2, 2, 4]
+    assert metrics["step_time_s"]["median"] == pytest.approx(2.0)
+    assert metrics["step_time_s"]["p10"] == pytest.approx(2.0)
+    assert metrics["step_time_s"]["p90"] == pytest.approx(3.6)
+    # per-step throughput 20 / [2, 2, 4] = [10, 10, 5]
+    tp = metrics["throughput_img_s"]
+    assert tp["median"] == pytest.approx(10.0)
+    assert tp["p10"] == pytest.approx(6.0)
+    assert tp["p90"] == pytest.approx(10.0)
+    assert tp["p10"] <= tp["median"] <= tp["p90"]
+
+
+def test_combine_losses_epochs_devices_and_memory():
+    r0, r1 = two_ranks()
+    metrics, notes = combine([r1, r0])
+    assert metrics["loss_per_epoch"] == [pytest.approx(3.0), pytest.approx(2.0)]
+    assert metrics["final_loss"] == pytest.approx(2.0)
+    assert metrics["epoch_time_s"] == [5.0, 6.0]  # slowest rank per epoch
+    assert [d["device"] for d in metrics["per_device"]] == ["cuda:0", "cuda:1"]
+    assert metrics["host_peak_rss_bytes"] == 300
+    assert metrics["data_wait_fraction"] == pytest.approx(1.4 / 7)
+    assert metrics["warmup_steps"] == 2
+    assert [r["rank"] for r in metrics["per_rank"]] == [0, 1]
+    assert notes.count("same note") == 1 and "rank 1 note" in notes
+
+
+def test_combine_single_rank():
+    metrics, notes = combine([rank_summary(0, [0.5, 0.25, 1.0], samples=8)])
+    assert metrics["throughput_img_s"]["median"] == pytest.approx(16.0)
+    assert metrics["throughput_img_s"]["mean"] == pytest.approx(24 / 1.75)
+    assert metrics["step_time_s"]["median"] == pytest.approx(0.5)
+    assert not any("different numbers of steps" in n for n in notes)
+
+
+def test_combine_unequal_step_counts_keeps_the_common_steps_and_says_so():
+    r0 = rank_summary(0, [1.0, 1.0, 1.0])
+    r1 = rank_summary(1, [2.0, 2.0])
+    metrics, notes = combine([r0, r1])
+    assert metrics["steps_measured"] == 2
+    assert metrics["throughput_img_s"]["mean"] == pytest.approx(20 * 2 / 4.0)
+    assert any("different numbers of steps" in n for n in notes)
+
+
+def test_combine_without_measured_steps_has_no_throughput_and_a_note():
+    metrics, notes = combine([rank_summary(0, []), rank_summary(1, [])])
+    assert metrics["steps_measured"] == 0
+    assert metrics["throughput_img_s"] is None
+    assert metrics["step_time_s"] is None
+    assert metrics["data_wait_fraction"] is None
+    assert any("No step was measured" in n for n in notes)
+
+
+def test_combine_without_losses_has_no_final_loss():
+    metrics, _ = combine([rank_summary(0, [1.0], losses=())])
+    assert metrics["loss_per_epoch"] == []
+    assert metrics["final_loss"] is None

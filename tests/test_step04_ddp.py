@@ -1,0 +1,161 @@
+"""Step 04 end to end, launched every way a student launches it (CPU, gloo, 1 thread/rank)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import lab_env, read_single_result, result_files, run_script, torchrun
+from labs import distributed
+from labs.errors import UsageError
+from labs.results import load_result
+
+SCRIPT = "04_ddp_training.py"
+SMOKE = ("--preset", "smoke")
+
+
+def assert_valid_ddp_result(folder, world_size: int, nnodes: int = 1) -> dict:
+    record = read_single_result(folder)
+    loaded = load_result(result_files(folder)[0])
+    assert loaded.ok, loaded.reason
+    assert record["status"] == "ok"
+    assert record["config"]["strategy"] == "ddp"
+    assert record["config"]["backend"] == "gloo"
+    assert record["world"]["world_size"] == world_size
+    assert record["world"]["nnodes"] == nnodes
+    assert sorted(d["rank"] for d in record["world"]["devices"]) == list(range(world_size))
+    metrics = record["metrics"]
+    assert sorted(d["rank"] for d in metrics["per_device"]) == list(range(world_size))
+    assert [r["rank"] for r in metrics["per_rank"]] == list(range(world_size))
+    assert all(r["steps_measured"] == metrics["steps_measured"] for r in metrics["per_rank"])
+    # global samples per step = per-rank batch x ranks: samples are never counted twice
+    per_rank_batch = record["config"]["per_device_batch_size"]
+    assert metrics["global_samples_per_step"] == per_rank_batch * world_size
+    assert record["config"]["global_batch_size"] == per_rank_batch * world_size
+    tp = metrics["throughput_img_s"]
+    assert 0 < tp["p10"] <= tp["median"] <= tp["p90"]
+    return record
+
+
+def test_torchrun_two_ranks_writes_one_result_with_both_ranks(results_dir):
+    proc = run_script(SCRIPT, *SMOKE, "--results-dir", results_dir,
+                      launcher=torchrun("--nproc_per_node=2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = assert_valid_ddp_result(results_dir, world_size=2)
+    assert record["world"]["launcher"] == "torchrun"
+    assert record["command"].startswith("torchrun --nnodes=1 --nproc_per_node=2 04_ddp")
+    # rank 0 alone prints the summary
+    assert proc.stdout.count("== 04_ddp") == 1
+
+
+def test_self_launch_with_nproc(results_dir):
+    proc = run_script(SCRIPT, *SMOKE, "--nproc", "2", "--results-dir", results_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = assert_valid_ddp_result(results_dir, world_size=2)
+    assert record["world"]["launcher"] == "spawn"
+
+
+def test_two_nodes_on_localhost(results_dir):
+    """Two torchrun agents, one per "node", meeting at a c10d rendezvous on localhost."""
+    port = distributed.free_port()
+    common = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+              f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=labtest"]
+    cmd = [*torchrun(*common), "04_ddp_training.py", *SMOKE, "--results-dir",
+           str(results_dir)]
+    from conftest import REPO
+
+    agents = [subprocess.Popen(cmd, cwd=REPO, env=lab_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [agent.communicate(timeout=180)[0] for agent in agents]
+    assert [a.returncode for a in agents] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    record = assert_valid_ddp_result(results_dir, world_size=2, nnodes=2)
+    assert record["world"]["local_world_size"] == 1
+
+
+def test_a_rank_killed_mid_run_restarts_from_the_checkpoint(results_dir, tmp_path):
+    checkpoints = tmp_path / "ckpt"
+    env = lab_env(LAB_FAULT="kind=exit,rank=1,step=7")  # rank 1 vanishes in epoch 2
+    proc = run_script(SCRIPT, *SMOKE, "--epochs", "3", "--checkpoint-every", "1",
+                      "--checkpoint-dir", checkpoints, "--resume", "auto",
+                      "--results-dir", results_dir, env=env, timeout=240,
+                      launcher=torchrun("--nproc_per_node=2", "--max-restarts=1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in result_files(results_dir)]
+    finished = [r for r in records if r["status"] == "ok"]
+    assert len(finished) == 1
+    # rank 0 saw its peer vanish (a gloo error) or was stopped by torchrun (SIGTERM),
+    # whichever came first, and recorded what it had measured of the first attempt
+    assert [r["status"] for r in records if r is not finished[0]] in (["failed"],
+                                                                        ["interrupted"])
+    world = finished[0]["world"]
+    assert world["restart_count"] == 1
+    assert world["resumed_from"].endswith("epoch0001.pt") and world["start_epoch"] == 1
+    assert any("restarted" in note for note in finished[0]["notes"])
+    assert len(finished[0]["metrics"]["epoch_time_s"]) == 2  # epochs 2 and 3 only
+    # the checkpoint holds the unwrapped model: loads without DDP, no "module." prefix
+    state = torch.load(checkpoints / "epoch0003.pt", weights_only=True)
+    assert state["epoch"] == 3
+    assert not any(key.startswith("module.") for key in state["model"])
+
+
+@pytest.mark.parametrize("extra", [
+    ("--backend", "nccl"),                 # one process, no GPU
+    ("--backend", "nccl", "--nproc", "2"),  # refused before spawning
+])
+def test_nccl_without_gpus_is_refused_with_exit_2(results_dir, extra):
+    proc = run_script(SCRIPT, *SMOKE, *extra, "--results-dir", results_dir)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nccl" in lines[0].lower() and "gloo" in lines[0]
+    assert result_files(results_dir) == []
+
+
+def test_more_ranks_than_gpus_is_refused_for_nccl(monkeypatch):
+    monkeypatch.setattr(distributed, "gpus_visible", lambda: 1)
+    for backend in ("nccl", "auto"):
+        with pytest.raises(UsageError, match="NCCL cannot put two ranks on one GPU"):
+            distributed.check_backend(backend, "auto", local_world_size=2)
+    distributed.check_backend("gloo", "auto", local_world_size=2)  # the rehearsal is allowed
+    distributed.check_backend("nccl", "auto", local_world_size=1)
+
+
+def test_ddp_options_are_recorded(results_dir):
+    proc = run_script(SCRIPT, *SMOKE, "--nproc", "2", "--bucket-cap-mb", "5",
+                      "--comm-hook", "fp16", "--grad-accum-steps", "2",
+                      "--run-name", "options", "--results-dir", results_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = read_single_result(results_dir)["config"]
+    assert config["bucket_cap_mb"] == 5.0
+    assert config["static_graph"] is False
+    assert config["comm_hook"] == "fp16"
+    assert config["grad_accum_steps"] == 2
+    assert config["global_batch_size"] == config["per_device_batch_size"] * 2 * 2
+    assert config["gradient_as_bucket_view"] is True
+    assert config["find_unused_parameters"] is False
+    assert config["broadcast_buffers"] is False
+
+
+def test_legacy_local_rank_argument_is_accepted(results_dir):
+    """torch.distributed.launch passes --local-rank=N (and --local_rank in old releases)."""
+    proc = run_script(SCRIPT, *SMOKE, "--local_rank=0", "--results-dir", results_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_single_result(results_dir)["world"]["world_size"] == 1
+
+
+def test_static_graph_with_accumulation_is_refused_before_any_work(results_dir):
+    proc = run_script(SCRIPT, *SMOKE, "--static-graph", "--grad-accum-steps", "2",
+                      "--results-dir", results_dir)
+    assert proc.returncode == 2
+    assert "--static-graph" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert result_files(results_dir) == []
+
+
+def test_static_graph_runs_and_is_recorded(results_dir):
+    proc = run_script(SCRIPT, *SMOKE, "--nproc", "2", "--static-graph", "--results-dir",
+                      results_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_single_result(results_dir)["config"]["static_graph"] is True

@@ -1,0 +1,226 @@
+"""The training loop (labs/train.py): mixed precision, channels_last, gradient
+accumulation, the skip_grad_sync hook, and the schedule checks."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from torch import nn
+
+from labs import train
+from labs.errors import UsageError
+from labs.measure import Meter
+
+CPU = torch.device("cpu")
+CLASSES = 5
+
+
+def tiny_cnn(dtype=torch.float32, seed: int = 0) -> nn.Module:
+    """Conv/ReLU/Flatten/Linear, no batch norm (see the accumulation test)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, kernel_size=3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, kernel_size=3, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 8 * 8, CLASSES),
+    ).to(dtype)
+
+
+def batch(n: int, dtype=torch.float32, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, 16, 16, generator=g, dtype=dtype)
+    labels = torch.randint(0, CLASSES, (n,), generator=g)
+    return images, labels
+
+
+def make_trainer(model, *, amp="off", channels_last=False, grad_accum_steps=1,
+                 steps_per_epoch=1, epochs=1, lr=0.05, skip_grad_sync=None):
+    model = train.prepare_model(model, CPU, channels_last)
+    optimizer = train.build_optimizer(model, lr, CPU)
+    # Warmup longer than the test: the meter never starts its sampling thread.
+    meter = Meter(CPU, warmup_steps=10_000, samples_per_step=1)
+    return train.Trainer(model, optimizer, CPU, amp=amp, channels_last=channels_last,
+                         grad_accum_steps=grad_accum_steps, meter=meter,
+                         steps_per_epoch=steps_per_epoch, epochs=epochs,
+                         skip_grad_sync=skip_grad_sync, show_progress=False)
+
+
+def params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+# --- mixed precision -----------------------------------------------------------------------
+
+def test_bf16_autocast_runs_the_forward_in_bfloat16_and_learns():
+    model = tiny_cnn()
+    seen = []
+    model[0].register_forward_hook(lambda m, inp, out: seen.append(out.dtype))
+    model[5].register_forward_hook(lambda m, inp, out: seen.append(out.dtype))
+    trainer = make_trainer(model, amp="bf16", steps_per_epoch=2, epochs=3, lr=0.1)
+    before = params(trainer.model)
+    fixed = batch(8)
+    losses = [trainer.train_one_epoch([fixed] * 2, epoch) for epoch in range(3)]
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # master weights
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    assert losses[-1] < losses[0]
+    assert not trainer.scaler.is_enabled()  # bf16 has fp32's range: no loss scaling
+
+
+def test_amp_off_runs_in_float32():
+    model = tiny_cnn()
+    seen = []
+    model[0].register_forward_hook(lambda m, inp, out: seen.append(out.dtype))
+    trainer = make_trainer(model, amp="off")
+    trainer.train_one_epoch([batch(4)], 0)
+    assert seen == [torch.float32]
+    assert not trainer.scaler.is_enabled()
+
+
+def test_fp16_uses_an_enabled_grad_scaler():
+    trainer = make_trainer(tiny_cnn(), amp="fp16")
+    assert trainer.dtype == torch.float16
+    assert trainer.scaler.is_enabled()
+    assert trainer.scaler.get_scale() > 1.0  # gradients are scaled up before backward
+    before = params(trainer.model)
+    trainer.train_one_epoch([batch(4)], 0)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_autocast_dtype():
+    assert train.autocast_dtype("off") is None
+    assert train.autocast_dtype("fp16") is torch.float16
+    assert train.autocast_dtype("bf16") is torch.bfloat16
+
+
+def test_resolve_amp():
+    assert train.resolve_amp("auto", CPU) == "off"
+    assert train.resolve_amp("bf16", CPU) == "bf16"
+    assert train.resolve_amp("fp16", CPU) == "fp16"
+    assert train.resolve_amp("off", CPU) == "off"
+
+
+# --- channels_last ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channels_last_layout_of_weights_and_input(channels_last):
+    model = tiny_cnn()
+    layouts = []
+
+    def hook(module, inputs, output):
+        layouts.append((
+            inputs[0].is_contiguous(memory_format=torch.channels_last),
+            module.weight.is_contiguous(memory_format=torch.channels_last),
+        ))
+
+    model[2].register_forward_hook(hook)  # 8 channels in, 3x3 kernel: the layout matters
+    model[0].register_forward_hook(hook)
+    trainer = make_trainer(model, channels_last=channels_last)
+    images, labels = batch(4)
+    assert images.is_contiguous()  # NCHW from the loader; the trainer converts it
+    trainer.train_one_epoch([(images, labels)], 0)
+    assert len(layouts) == 2
+    assert all(layout == (channels_last, channels_last) for layout in layouts), layouts
+
+
+# --- gradient accumulation -------------------------------------------------------------------
+
+def test_two_micro_steps_equal_one_step_of_the_whole_batch():
+    # Without batch norm, the loss of a batch is the mean of per-sample losses, so the
+    # gradients of two half batches, each scaled by 1/2, add up to the gradient of the whole
+    # batch. Batch norm would break this: it normalises with the statistics of whatever
+    # batch it sees, so a half batch is normalised differently from the whole batch (the
+    # same reason DDP ranks differ without SyncBatchNorm). float64 keeps rounding out.
+    images, labels = batch(8, dtype=torch.float64)
+    whole = make_trainer(tiny_cnn(torch.float64), grad_accum_steps=1, lr=0.1)
+    halves = make_trainer(tiny_cnn(torch.float64), grad_accum_steps=2, lr=0.1)
+    start = params(whole.model)
+    assert all(torch.equal(a, b) for a, b in zip(start, halves.model.parameters()))
+
+    whole.train_one_epoch([(images, labels)], 0)
+    halves.train_one_epoch([(images[:4], labels[:4]), (images[4:], labels[4:])], 0)
+
+    moved = max((p - s).abs().max().item() for p, s in zip(whole.model.parameters(), start))
+    assert moved > 1e-4  # the step did something
+    for a, b in zip(whole.model.parameters(), halves.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # the reported loss is that of the whole batch too
+    assert halves.meter.loss_per_epoch[0] == pytest.approx(whole.meter.loss_per_epoch[0],
+                                                           rel=1e-6)
+
+
+def test_accumulation_without_scaling_would_differ():
+    # Guards the test above: one micro-step of half the batch is not the same update.
+    images, labels = batch(8, dtype=torch.float64)
+    whole = make_trainer(tiny_cnn(torch.float64), lr=0.1)
+    half = make_trainer(tiny_cnn(torch.float64), lr=0.1)
+    whole.train_one_epoch([(images, labels)], 0)
+    half.train_one_epoch([(images[:4], labels[:4])], 0)
+    assert any(not torch.allclose(a, b) for a, b in zip(whole.model.parameters(),
+                                                       half.model.parameters()))
+
+
+def test_skip_grad_sync_is_entered_on_non_final_micro_steps_only():
+    events = []
+
+    @contextlib.contextmanager
+    def no_sync():
+        events.append("enter")
+        yield
+        events.append("exit")
+
+    model = tiny_cnn()
+    backward_calls = []
+    model[5].weight.register_hook(lambda grad: backward_calls.append(len(events)))
+    trainer = make_trainer(model, grad_accum_steps=3, steps_per_epoch=2,
+                           skip_grad_sync=no_sync)
+    trainer.train_one_epoch([batch(2, seed=s) for s in range(6)], 0)
+    # 2 optimizer steps x (3 micro-steps - the last one) = 4 entries, each closed
+    assert events == ["enter", "exit"] * 4
+    # per step: two backward passes inside no_sync (odd count of events: entered, not yet
+    # exited), the third, which must sync the gradients, outside it
+    assert [n % 2 == 1 for n in backward_calls] == [True, True, False] * 2
+
+
+def test_without_accumulation_skip_grad_sync_is_never_entered():
+    entered = []
+
+    @contextlib.contextmanager
+    def no_sync():
+        entered.append(1)
+        yield
+
+    trainer = make_trainer(tiny_cnn(), grad_accum_steps=1, steps_per_epoch=3,
+                           skip_grad_sync=no_sync)
+    trainer.train_one_epoch([batch(2)] * 3, 0)
+    assert entered == []
+
+
+def test_an_epoch_feeds_the_meter_once_per_optimizer_step():
+    trainer = make_trainer(tiny_cnn(), grad_accum_steps=2, steps_per_epoch=3)
+    trainer.train_one_epoch([batch(2)] * 6, 0)
+    assert trainer.meter.steps_done == 3
+    assert len(trainer.meter.loss_per_epoch) == 1
+
+
+# --- schedule ----------------------------------------------------------------------------------
+
+def test_steps_per_epoch():
+    assert train.steps_per_epoch(10, 1, None) == 10
+    assert train.steps_per_epoch(10, 3, None) == 3
+    assert train.steps_per_epoch(10, 2, 4) == 4
+    assert train.steps_per_epoch(10, 2, 50) == 5
+
+
+def test_check_schedule_refuses_a_run_that_measures_nothing():
+    with pytest.raises(UsageError, match="--warmup-steps 10 leaves nothing to measure"):
+        train.check_schedule(steps=5, epochs=2, warmup_steps=10, what="x")
+    with pytest.raises(UsageError, match="not even one optimizer step"):
+        train.check_schedule(steps=0, epochs=2, warmup_steps=0, what="3 images")
+    train.check_schedule(steps=5, epochs=2, warmup_steps=9, what="x")  # one step measured
+
+
+def test_default_lr_scales_with_the_global_batch():
+    assert train.default_lr(256) == pytest.approx(0.1)
+    assert train.default_lr(512) == pytest.approx(2 * train.default_lr(256))
