@@ -1,0 +1,261 @@
+"""`python -m labs run`: the whole lab, 01 -> 05, sized to the machine it runs on.
+
+The runner only starts the numbered scripts as a student would (each in its own
+process, its output shown live) and reads nothing but their exit status; the scripts
+themselves write the results and the report. Plans by hardware:
+
+- no GPU: smoke-sized model and data; 04 runs 2 processes over gloo;
+- one GPU: the ResNet-50 baseline, DP and DDP at world size 1 (labelled as such: they
+  measure overhead, not scaling);
+- N GPUs: the lab's own commands: 02 at batch 64, 03 at 64 x N on all GPUs, 04 under
+  torchrun with N processes at 64 each, with AMP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from labs.cli import PRESETS, OneLineParser, positive_int
+from labs.errors import UsageError
+
+REPO = Path(__file__).resolve().parent.parent
+STEP_NAMES = {
+    "01": "environment check",
+    "02": "single-device baseline",
+    "03": "DataParallel",
+    "04": "DistributedDataParallel",
+    "05": "comparison report",
+}
+SCRIPTS = {
+    "01": "01_environment_check.py",
+    "02": "02_baseline_single_gpu.py",
+    "03": "03_dataparallel_training.py",
+    "04": "04_ddp_training.py",
+    "05": "05_performance_comparison.py",
+}
+TRAINING_STEPS = ("02", "03", "04")
+
+
+@dataclass
+class Command:
+    step: str
+    argv: list[str]
+    repeat_index: int = 0
+    env: dict = field(default_factory=dict)
+
+    def display(self) -> str:
+        argv = ["python" if a == sys.executable else a for a in self.argv]
+        prefix = [f"{k}={v}" for k, v in self.env.items()]
+        return shlex.join(prefix + argv)
+
+
+@dataclass
+class Plan:
+    hardware: str
+    preset: str | None
+    gpus: list[int]
+    commands: list[Command] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def parse_steps(text: str) -> list[str]:
+    steps = []
+    for part in text.split(","):
+        part = part.strip().zfill(2)
+        if part not in SCRIPTS:
+            raise UsageError(f"--steps {text}: expected step numbers from 01 to 05, "
+                             f"e.g. 02,04,05")
+        steps.append(part)
+    return sorted(set(steps))
+
+
+def build_plan(args, gpu_count: int) -> Plan:
+    """What to run, as argv lists, for this hardware and these options."""
+    gpus = args.gpus if args.gpus is not None else list(range(gpu_count))
+    missing = [g for g in gpus if g >= gpu_count]
+    if missing:
+        raise UsageError(f"--gpus {','.join(map(str, gpus))}: this machine has "
+                         f"{gpu_count} GPU(s); omit --gpus to use every visible GPU")
+    n = len(gpus)
+    hardware = "cpu" if n == 0 else ("1 GPU" if n == 1 else f"{n} GPUs")
+    preset = args.preset if args.preset != "auto" else ("smoke" if n == 0 else None)
+    plan = Plan(hardware=hardware, preset=preset, gpus=gpus)
+    common = ["--results-dir", str(args.results_dir)]
+    if preset:
+        common += ["--preset", preset]
+    python = sys.executable
+    script = {k: str(REPO / v) for k, v in SCRIPTS.items()}
+
+    ddp_env: dict = {}
+    if n == 0:
+        plan.notes.append("No GPU: every step runs on the CPU; 04 uses 2 processes over "
+                          "gloo. The numbers show the mechanics, not GPU speed.")
+        per_step = {
+            "02": [python, script["02"], "--device", "cpu", *common],
+            "03": [python, script["03"], *common],
+            "04": [python, script["04"], "--nproc", "2", "--device", "cpu", *common],
+        }
+    else:
+        batch = 64
+        gpu_list = ",".join(map(str, gpus))
+        # torchrun gives local rank r the r-th visible GPU: pin a subset by visibility
+        ddp_env = {} if gpus == list(range(gpu_count)) else {"CUDA_VISIBLE_DEVICES": gpu_list}
+        size = ([] if preset else ["--model", "resnet50", "--epochs", "5"])
+        per_step = {
+            "02": [python, script["02"], "--batch-size", str(batch), "--device",
+                   f"cuda:{gpus[0]}", *size, *common],
+            "03": [python, script["03"], "--batch-size", str(batch * n), "--gpus",
+                   gpu_list, *size, *common],
+            "04": [python, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={n}", script["04"], "--batch-size", str(batch),
+                   "--amp", "auto", *size, *common],
+        }
+        if n == 1:
+            plan.notes.append("One GPU: DataParallel and DDP run at world size 1. They "
+                              "measure each wrapper's overhead; scaling needs 2+ GPUs.")
+
+    for step in args.steps:
+        if step == "01":
+            quick = ["--quick"] if args.quick_env else []
+            plan.commands.append(Command("01", [python, script["01"], "--results-dir",
+                                                str(args.results_dir), *quick]))
+        elif step in TRAINING_STEPS:
+            for k in range(args.repeat):
+                plan.commands.append(Command(step, per_step[step], k,
+                                             env=ddp_env if step == "04" else {}))
+        elif step == "05":
+            plan.commands.append(Command("05", [
+                python, script["05"], "--results-dir", str(args.results_dir),
+                "--generate-plots", "--output-report", str(args.report)]))
+    return plan
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="python -m labs run",
+                           description="Run the whole lab, 01 -> 05, sized to this machine.")
+    parser.add_argument("--steps", type=str, default="01,02,03,04,05", metavar="LIST",
+                        help="which steps to run, e.g. 02,04,05 (default: all)")
+    parser.add_argument("--from", dest="start", metavar="STEP",
+                        help="run from this step on, e.g. --from 03 (to resume after a "
+                             "failure)")
+    parser.add_argument("--gpus", metavar="IDS",
+                        help="GPUs to use, e.g. 0,1 (default: every visible GPU)")
+    parser.add_argument("--preset", default="auto", choices=("auto", *PRESETS),
+                        help="run size: auto = smoke on a CPU-only machine, the lab's full "
+                             "commands on GPUs (default: auto)")
+    parser.add_argument("--results-dir", type=Path, default=Path("results"), metavar="DIR",
+                        help="folder for the result files (default: results)")
+    parser.add_argument("--report", type=Path, default=Path("comparison_report.html"),
+                        metavar="PATH", help="report to write (default: "
+                                             "comparison_report.html)")
+    parser.add_argument("--repeat", type=positive_int, default=1, metavar="K",
+                        help="run each training step K times; the report aggregates "
+                             "them (default: 1)")
+    parser.add_argument("--quick-env", action="store_true",
+                        help="step 01 without its probes")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the commands without running them")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None):
+    args = build_parser().parse_args(argv)
+    args.steps = parse_steps(args.steps)
+    if args.start is not None:
+        start = parse_steps(args.start)[0]
+        args.steps = [s for s in args.steps if s >= start]
+    if args.gpus is not None:
+        try:
+            args.gpus = [int(g) for g in args.gpus.split(",") if g.strip()]
+        except ValueError:
+            raise UsageError(f"--gpus {args.gpus}: expected GPU indices such as 0,1") from None
+    return args
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}:{secs:02d}"
+
+
+def resume_hint(args_argv: list[str], step: str) -> str:
+    kept = []
+    skip = False
+    for arg in args_argv:  # drop an earlier --from/--steps; the hint sets where to start
+        if skip:
+            skip = False
+            continue
+        if arg in ("--from", "--steps"):
+            skip = True
+            continue
+        if arg.startswith(("--from=", "--steps=")):
+            continue
+        kept.append(arg)
+    return shlex.join(["python", "-m", "labs", "run", *kept, "--from", step])
+
+
+def execute(plan: Plan, args, argv: list[str]) -> int:
+    """Run the plan; stop at the first failure and say how to resume. Returns a status."""
+    print(f"lab: {plan.hardware}; preset {plan.preset or 'full (the lab commands)'}; "
+          f"{len(plan.commands)} run(s); results in {args.results_dir}", flush=True)
+    for note in plan.notes:
+        print(f"note: {note}", flush=True)
+    started = time.monotonic()
+    done: list[tuple[Command, float, int]] = []
+    for i, command in enumerate(plan.commands, 1):
+        label = STEP_NAMES[command.step]
+        repeat = f" (run {command.repeat_index + 1}/{args.repeat})" \
+            if command.step in TRAINING_STEPS and args.repeat > 1 else ""
+        print(f"\n━━ [{i}/{len(plan.commands)}] step {command.step}: {label}{repeat} · "
+              f"elapsed {_clock(time.monotonic() - started)} ━━\n$ {command.display()}",
+              flush=True)
+        if args.dry_run:
+            continue
+        step_started = time.monotonic()
+        try:
+            env = {**os.environ, **command.env}
+            status = subprocess.run(command.argv, cwd=Path.cwd(), env=env).returncode
+        except KeyboardInterrupt:
+            status = 130
+        took = time.monotonic() - step_started
+        done.append((command, took, status))
+        if status != 0:
+            print(f"\nlab: step {command.step} ({label}) failed with exit status {status} "
+                  f"after {_clock(took)}.\nThe results of the earlier steps are kept in "
+                  f"{args.results_dir}. Fix the cause above, then resume with:\n  "
+                  f"{resume_hint(argv, command.step)}", file=sys.stderr, flush=True)
+            return status if status > 0 else 1
+    if args.dry_run:
+        return 0
+    print(f"\n━━ lab finished in {_clock(time.monotonic() - started)} ━━")
+    for command, took, _ in done:
+        print(f"  step {command.step}  {STEP_NAMES[command.step]:<24} {_clock(took):>6}")
+    if "05" in args.steps:
+        print(f"\nreport: {args.report.resolve()}  (open it in a browser)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    missing = [s for s in args.steps if not (REPO / SCRIPTS[s]).is_file()]
+    if missing:
+        raise UsageError(f"the lab's scripts are not beside the labs package ({REPO}); "
+                         f"run from a checkout of the lab")
+    from labs.results import prepare_dir
+
+    prepare_dir(args.results_dir)  # an unwritable folder fails now, before step 01
+    plan = build_plan(args, visible_gpus())
+    return execute(plan, args, argv)

@@ -1,0 +1,162 @@
+"""`python -m labs run` (the whole lab in one command) and the train_ddp.sh wrapper."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, lab_env
+from labs import runner
+from labs.errors import UsageError
+from labs.results import load_result
+
+
+def lab_run(*args: str, cwd: Path, env: dict | None = None, timeout: float = 240):
+    return subprocess.run([sys.executable, "-m", "labs", "run", *args], cwd=cwd,
+                          env=env or lab_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_the_whole_lab_with_no_options_on_this_cpu(tmp_path):
+    started = time.monotonic()
+    proc = lab_run(cwd=tmp_path)
+    took = time.monotonic() - started
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert took < 180, f"python -m labs run took {took:.0f} s on this machine"
+    results = tmp_path / "results"
+    runs = [json.loads(p.read_text()) for p in results.glob("0[234]_*.json")]
+    assert sorted(r["lab"] for r in runs) == ["02_baseline", "03_dataparallel", "04_ddp"]
+    assert all(r["status"] == "ok" for r in runs)
+    assert all(load_result(p).ok for p in results.glob("*.json"))
+    ddp = next(r for r in runs if r["lab"] == "04_ddp")
+    assert ddp["world"]["world_size"] == 2 and ddp["world"]["backend"] == "gloo"
+    assert json.loads((results / "environment.json").read_text())["kind"] == "environment"
+    report = tmp_path / "comparison_report.html"
+    assert report.is_file() and "<table" in report.read_text()
+    assert str(report) in proc.stdout  # the final summary gives the report's path
+    for step in ("01", "02", "03", "04", "05"):
+        assert f"step {step}" in proc.stdout
+
+
+def test_a_failing_step_stops_the_run_keeps_results_and_says_how_to_resume(tmp_path):
+    env = lab_env(LAB_FAULT="kind=raise,step=1")  # every training step crashes
+    proc = lab_run("--steps", "02,05", cwd=tmp_path, env=env)
+    assert proc.returncode != 0
+    assert "step 02" in proc.stderr and "failed" in proc.stderr
+    assert "python -m labs run --from 02" in proc.stderr
+    assert not (tmp_path / "comparison_report.html").exists()  # 05 never ran
+    # 02 still left its (failed) result behind, as every step does
+    files = list((tmp_path / "results").glob("02_*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["status"] == "failed"
+
+
+class Args:
+    def __init__(self, **kw):
+        defaults = dict(steps=["01", "02", "03", "04", "05"], gpus=None, preset="auto",
+                        results_dir=Path("results"), report=Path("comparison_report.html"),
+                        repeat=1, quick_env=False)
+        self.__dict__.update({**defaults, **kw})
+
+
+def by_step(plan) -> dict:
+    return {c.step: c for c in plan.commands}
+
+
+def test_plan_for_four_gpus_is_the_lab_commands():
+    plan = runner.build_plan(Args(), gpu_count=4)
+    steps = by_step(plan)
+    assert plan.preset is None and plan.hardware == "4 GPUs"
+    two = steps["02"].argv
+    assert two[two.index("--batch-size") + 1] == "64" and "resnet50" in two
+    three = steps["03"].argv
+    assert three[three.index("--batch-size") + 1] == "256"
+    assert three[three.index("--gpus") + 1] == "0,1,2,3"
+    four = steps["04"].argv
+    assert "torch.distributed.run" in four and "--nproc_per_node=4" in four
+    assert four[four.index("--batch-size") + 1] == "64" and "--amp" in four
+    assert "--generate-plots" in steps["05"].argv
+
+
+def test_plan_for_one_gpu_labels_world_size_one():
+    plan = runner.build_plan(Args(), gpu_count=1)
+    assert plan.hardware == "1 GPU"
+    assert any("world size 1" in note for note in plan.notes)
+    assert "--nproc_per_node=1" in by_step(plan)["04"].argv
+
+
+def test_plan_for_a_subset_of_gpus_pins_ddp_to_them():
+    plan = runner.build_plan(Args(gpus=[2, 3]), gpu_count=4)
+    steps = by_step(plan)
+    assert steps["04"].env == {"CUDA_VISIBLE_DEVICES": "2,3"}
+    assert "--nproc_per_node=2" in steps["04"].argv
+    assert steps["03"].argv[steps["03"].argv.index("--gpus") + 1] == "2,3"
+
+
+def test_plan_repeats_training_steps_only():
+    plan = runner.build_plan(Args(repeat=3), gpu_count=0)
+    assert [c.step for c in plan.commands] == ["01"] + ["02"] * 3 + ["03"] * 3 + \
+        ["04"] * 3 + ["05"]
+
+
+def test_plan_refuses_gpus_that_are_not_there():
+    with pytest.raises(UsageError, match="--gpus"):
+        runner.build_plan(Args(gpus=[0, 1]), gpu_count=1)
+
+
+@pytest.mark.parametrize("argv", [["--steps", "07"], ["--repeat", "0"], ["--gpus", "a"],
+                                  ["--preset", "huge"], ["--bogus"]])
+def test_runner_bad_usage_is_one_line_and_exit_2(tmp_path, argv):
+    proc = lab_run(*argv, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
+
+
+def test_dry_run_prints_commands_and_runs_nothing(tmp_path):
+    proc = lab_run("--dry-run", "--from", "03", cwd=tmp_path)
+    assert proc.returncode == 0
+    assert "03_dataparallel_training.py" in proc.stdout and "02_baseline" not in proc.stdout
+    assert list((tmp_path / "results").glob("*.json")) == []
+
+
+# --- train_ddp.sh --------------------------------------------------------------------------
+
+def wrapper(*args: str, env: dict | None = None):
+    env = env or lab_env(PYTHON=sys.executable)
+    return subprocess.run(["bash", str(REPO / "train_ddp.sh"), *args], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("args, complaint", [
+    (("x",), "GPUS"),
+    (("0",), "GPUS"),
+    (("2", "-8"), "BATCH_PER_GPU"),
+    (("2", "64", "zero"), "EPOCHS"),
+    (("2", "64", "5", "8"), "IMG_SIZE"),
+    (("1", "2", "3", "4", "5"), "too many"),
+    (("--bogus",), "unknown option"),
+])
+def test_wrapper_rejects_bad_arguments(args, complaint):
+    proc = wrapper(*args)
+    assert proc.returncode == 2
+    assert complaint in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_wrapper_without_gpus_says_what_to_run_instead():
+    proc = wrapper("2", "64")
+    assert proc.returncode == 1
+    assert "no CUDA GPU" in proc.stderr and "--nproc 2" in proc.stderr
+
+
+def test_wrapper_without_torchrun_says_so(tmp_path):
+    fake_python = tmp_path / "python3"
+    fake_python.write_text("#!/bin/sh\nexit 1\n")  # an interpreter without torch
+    fake_python.chmod(0o755)
+    proc = wrapper("2", env=lab_env(PYTHON=str(fake_python)))
+    assert proc.returncode == 1 and "torchrun" in proc.stderr
