@@ -83,11 +83,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _spawned(local_rank: int, train, args, nproc: int) -> None:
+def _spawned(local_rank: int, train, args, nproc: int, threads: int) -> None:
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank),
                       WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                       GROUP_WORLD_SIZE="1", LAB_LAUNCHER="spawn")
+    torch.set_num_threads(threads)
     train(args)
+
+
+def threads_per_rank(nproc: int) -> int:
+    """Like torchrun: share the cores between the ranks instead of each rank taking all
+    of them (N ranks x all cores threads thrash; on CPU that is many times slower)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return int(os.environ["OMP_NUM_THREADS"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // nproc)
 
 
 def spawn(train, args) -> None:
@@ -101,7 +111,8 @@ def spawn(train, args) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     try:
-        mp.start_processes(_spawned, args=(train, args, nproc), nprocs=nproc, join=True,
+        mp.start_processes(_spawned, args=(train, args, nproc, threads_per_rank(nproc)),
+                           nprocs=nproc, join=True,
                            start_method="spawn")
     except mp.ProcessExitedException as err:
         print(f"04_ddp: rank {err.error_index} exited with status {err.exit_code}; "
