@@ -41,9 +41,11 @@ def assert_valid_ddp_result(folder, world_size: int, nnodes: int = 1) -> dict:
     return record
 
 
-def test_torchrun_two_ranks_writes_one_result_with_both_ranks(results_dir):
+@pytest.mark.parametrize("launch", [("--nproc_per_node=2",),
+                                    ("--standalone", "--nproc_per_node=2")])
+def test_torchrun_two_ranks_writes_one_result_with_both_ranks(results_dir, launch):
     proc = run_script(SCRIPT, *SMOKE, "--results-dir", results_dir,
-                      launcher=torchrun("--nproc_per_node=2"))
+                      launcher=torchrun(*launch))
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = assert_valid_ddp_result(results_dir, world_size=2)
     assert record["world"]["launcher"] == "torchrun"
