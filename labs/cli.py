@@ -298,5 +298,5 @@ def run(main) -> None:
     try:
         main()
     except UsageError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.stderr.write(f"{prog}: error: {err}\n")  # one write: ranks do not interleave
         sys.exit(2)

@@ -10,11 +10,14 @@ and checkpoints written atomically and read with ``weights_only=True``.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
+import signal
 import socket
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,17 +113,60 @@ def spawn(train, args) -> None:
     check_backend(args.backend, args.device, nproc)  # refuse before starting anything
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
+    # torch logs each rank it stops; the line below says so once, in the lab's words.
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+    context = mp.start_processes(_spawned, args=(train, args, nproc, threads_per_rank(nproc)),
+                                 nprocs=nproc, join=False, start_method="spawn")
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
     try:
-        mp.start_processes(_spawned, args=(train, args, nproc, threads_per_rank(nproc)),
-                           nprocs=nproc, join=True,
-                           start_method="spawn")
+        while not context.join():
+            pass
+    except (KeyboardInterrupt, _Stop) as stop:  # Ctrl-C or SIGTERM: every rank stops too
+        signum = stop.signum if isinstance(stop, _Stop) else signal.SIGINT
+        _stop_ranks(context.processes, signum)
+        sys.exit(128 + signum)
     except mp.ProcessExitedException as err:
         print(f"04_ddp: rank {err.error_index} exited with status {err.exit_code}; "
               f"the other ranks were stopped", file=sys.stderr)
         sys.exit(err.exit_code if err.exit_code and err.exit_code > 0 else 1)
     except mp.ProcessRaisedException as err:
+        # A rank found bad input only it could check (an unreadable --resume file, say):
+        # one line and status 2, as when the script runs alone.
+        usage = [line.partition(": ")[2] for line in str(err).splitlines()
+                 if line.startswith(f"{UsageError.__module__}.UsageError: ")]
+        if usage:
+            raise UsageError(usage[-1]) from None
         print(f"04_ddp: rank {err.error_index} failed:\n{err}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Stop(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stop(signum, frame):
+    raise _Stop(signum)
+
+
+def _stop_ranks(processes, signum: int) -> None:
+    """Pass a stop signal on to the ranks (a terminal's Ctrl-C reaches them by itself;
+    ``kill`` of this process does not) and wait while they write what they measured."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    deadline = time.monotonic() + (2.0 if signum == signal.SIGINT else 0.0)
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            os.kill(process.pid, signum)
+    for process in processes:
+        process.join(60)
+        if process.is_alive():
+            process.kill()
 
 
 def gpus_visible() -> int:
@@ -241,15 +287,39 @@ def load_checkpoint(path: Path, model, optimizer, scaler, device: torch.device) 
     ``weights_only=True``: a checkpoint is data, never code to unpickle."""
     try:
         state = torch.load(path, map_location=device, weights_only=True)
+    except torch.OutOfMemoryError:
+        raise
+    except pickle.UnpicklingError as err:  # garbage, or pickled objects that are not data
+        raise UsageError(f"--resume {path}: not a readable checkpoint: refused by "
+                         f"torch.load(weights_only=True), which loads tensors and never "
+                         f"unpickles code ({_unpickling_detail(err)})") from None
+    except Exception as err:  # noqa: BLE001 - a damaged file can fail in any way
+        raise UsageError(f"--resume {path}: not a readable checkpoint, truncated or "
+                         f"corrupt? ({_first_sentence(err)})") from None
+    try:
+        if not isinstance(state, dict):
+            raise TypeError(f"holds a {type(state).__name__}, not a checkpoint dict")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         return int(state["epoch"])
-    except (OSError, RuntimeError, KeyError, ValueError, TypeError,
-            pickle.UnpicklingError) as err:
-        first_line = (str(err).splitlines() or [""])[0]
-        raise UsageError(f"--resume {path}: not a readable checkpoint of this model "
-                         f"({type(err).__name__}: {first_line})") from None
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as err:
+        raise UsageError(f"--resume {path}: not a checkpoint of this model and options "
+                         f"({_first_sentence(err)})") from None
+
+
+def _first_sentence(err: Exception) -> str:
+    text = (str(err).strip().splitlines() or [""])[0].split(". ")[0]
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _unpickling_detail(err: Exception) -> str:
+    """The informative sentence of torch's long weights_only message."""
+    for line in str(err).splitlines():
+        line = line.rpartition("WeightsUnpickler error:")[2].strip()
+        if line.startswith(("Unsupported", "Trying to load")):
+            return line.split(". ")[0][:200]
+    return "corrupt, or not written by torch.save"
 
 
 # --- what the result records ----------------------------------------------------------

@@ -114,6 +114,46 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:60] or "run"
 
 
+def _ignore_signal(signum, frame) -> None:
+    """Installed while a failed run writes its result: the write must finish."""
+
+
+_FAILURE_KEY = "lab/failure/rank{}"
+
+
+def _tell_rank0(rank: int, outcome: "Outcome") -> None:
+    """A failing rank leaves its reason in the process group's store, so that rank 0,
+    whose collectives break because of it, records the cause. Best effort."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        key = _FAILURE_KEY.format(rank)
+        store.set(key, json.dumps(outcome.__dict__))
+        store.check([key])  # a round trip: the report is in before this rank leaves
+    except Exception:  # noqa: BLE001 - the store may be gone with rank 0
+        pass
+
+
+def _peer_failure(world_size: int) -> "tuple[int, Outcome] | None":
+    """The first rank that reported a failure through the store, if any."""
+    import torch.distributed as dist
+
+    if world_size < 2 or not dist.is_initialized():
+        return None
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        for peer in range(1, world_size):
+            key = _FAILURE_KEY.format(peer)
+            if store.check([key]):
+                return peer, Outcome(**json.loads(store.get(key)))
+    except Exception:  # noqa: BLE001 - no store, no report: keep this rank's own reason
+        pass
+    return None
+
+
 class Interrupted(Exception):
     """SIGTERM, turned into an exception so the guard can write what was measured."""
 
@@ -165,7 +205,7 @@ class Run:
         def on_sigterm(signum, frame):
             raise Interrupted("terminated by SIGTERM")
 
-        previous = signal.signal(signal.SIGTERM, on_sigterm)
+        previous = signal.signal(signal.SIGTERM, on_sigterm), signal.getsignal(signal.SIGINT)
         try:
             yield
         except UsageError:
@@ -183,17 +223,33 @@ class Run:
             self._fail(meter, rank, Outcome("failed", 1, f"{type(err).__name__}: {err}"),
                        reraise=True)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGTERM, previous[0])
+            signal.signal(signal.SIGINT, previous[1])
 
     def _fail(self, meter, rank: int, outcome: Outcome, reraise: bool = False) -> None:
+        # Stopping already: a second signal (the launcher stopping every rank after one
+        # failed) must not cut the result short.
+        signal.signal(signal.SIGTERM, _ignore_signal)
+        signal.signal(signal.SIGINT, _ignore_signal)
         meter.flush()
-        self.record["failure"] = {"reason": outcome.reason, "rank": rank}
+        failed_rank = rank
+        if not self.writer:
+            _tell_rank0(rank, outcome)
+        elif outcome.status in ("failed", "interrupted"):
+            # A peer that failed first (out of memory, say) is why this rank's collective
+            # broke or its launcher stopped it: record the peer's reason, not the echo.
+            peer = _peer_failure(self.record["world"].get("world_size", 1))
+            if peer is not None and (outcome.status == "failed"
+                                     or peer[1].status != "interrupted"):
+                (failed_rank, outcome), reraise = peer, False
+        self.record["failure"] = {"reason": outcome.reason, "rank": failed_rank}
         if self.writer:
             if self.record["world"].get("world_size", 1) > 1:
                 self.note("The run stopped early; the metrics are rank 0's alone, as the "
                           "other ranks could not be reached.")
             self.write([meter.rank_summary(rank)], status=outcome.status)
-            print(f"\n{self.lab}: {outcome.status}: {outcome.reason}\n"
+            where = f" on rank {failed_rank}" if failed_rank != rank else ""
+            print(f"\n{self.lab}: {outcome.status}{where}: {outcome.reason}\n"
                   f"partial result: {self.path}", file=sys.stderr)
         else:
             print(f"\n{self.lab} rank {rank}: {outcome.status}: {outcome.reason}",
