@@ -42,6 +42,7 @@ def rank_main(args) -> None:
     master_process = rank == 0  # DDP: only rank 0 prints and writes
     distributed.check_backend(args.backend, args.device, ranks.local_world_size)
     device = distributed.device_for(ranks, args.device)
+    distributed.check_sync_bn(args.sync_bn, device)
     backend = distributed.choose_backend(args.backend, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # DDP: one GPU per rank, chosen by local rank

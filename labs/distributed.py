@@ -203,6 +203,12 @@ def device_for(ranks: Ranks, requested: str) -> torch.device:
     return torch.device("cuda", ranks.local_rank % gpus_visible())
 
 
+def check_sync_bn(sync_bn: bool, device: torch.device) -> None:
+    if sync_bn and device.type != "cuda":
+        raise UsageError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU kernel); "
+                         "drop it on the CPU")
+
+
 def choose_backend(requested: str, device: torch.device) -> str:
     if requested != "auto":
         return requested

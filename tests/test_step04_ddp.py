@@ -161,3 +161,10 @@ def test_static_graph_runs_and_is_recorded(results_dir):
                       results_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_single_result(results_dir)["config"]["static_graph"] is True
+
+
+def test_sync_bn_on_the_cpu_is_refused_with_exit_2(results_dir):
+    proc = run_script(SCRIPT, *SMOKE, "--sync-bn", "--results-dir", results_dir)
+    assert proc.returncode == 2
+    assert "--sync-bn needs CUDA" in proc.stderr and "Traceback" not in proc.stderr
+    assert result_files(results_dir) == []
