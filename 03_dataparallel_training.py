@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import RandomSampler
 
 from labs import cli, console, data, envinfo, models, results, train
+from labs.errors import UsageError
 from labs.measure import Meter
 
 LAB = "03_dataparallel"
@@ -30,7 +31,7 @@ def main() -> None:
     device = devices[0]  # DP: inputs, outputs, loss and optimizer all live on the first
     results.prepare_dir(args.results_dir)  # an unwritable folder fails now, not after training
     if args.batch_size < len(devices):
-        raise cli.UsageError(f"--batch-size {args.batch_size} is the global batch; it must "
+        raise UsageError(f"--batch-size {args.batch_size} is the global batch; it must "
                              f"be at least the number of GPUs ({len(devices)})")
     if device.type == "cpu" and args.preset is None:
         print("warning: no GPU in use: a full ResNet-50 run on the CPU takes hours; "

@@ -34,6 +34,3 @@ def build_model(name: str, num_classes: int) -> torch.nn.Module:
         kwargs["init_weights"] = True
     return torchvision.models.get_model(name, **kwargs)
 
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -241,7 +241,8 @@ class Run:
             peer = _peer_failure(self.record["world"].get("world_size", 1))
             if peer is not None and (outcome.status == "failed"
                                      or peer[1].status != "interrupted"):
-                (failed_rank, outcome), reraise = peer, False
+                failed_rank, outcome = peer
+                reraise = False  # this rank's own error is only the echo of the peer's
         self.record["failure"] = {"reason": outcome.reason, "rank": failed_rank}
         if self.writer:
             if self.record["world"].get("world_size", 1) > 1:
