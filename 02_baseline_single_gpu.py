@@ -9,8 +9,6 @@ model wrapped in nn.DataParallel, 04 is this script once per GPU under
 DistributedDataParallel. Read it first; `diff` it with 04 to see what DDP changes.
 """
 
-import sys
-
 import torch
 from torch.utils.data import RandomSampler
 
@@ -24,9 +22,7 @@ def main() -> None:
     args = cli.parse_args(LAB, __doc__)  # bad input: one line, exit status 2
     device = envinfo.resolve_device(args.device)
     results.prepare_dir(args.results_dir)  # an unwritable folder fails now, not after training
-    if device.type == "cpu" and args.preset is None:
-        print("warning: no GPU in use: a full ResNet-50 run on the CPU takes hours; "
-              "try --preset smoke (seconds) or --preset cpu (a minute)", file=sys.stderr)
+    console.warn_if_slow_on_cpu(device, args.preset)
 
     torch.manual_seed(args.seed)
     train.configure_backends(device)

@@ -12,8 +12,6 @@ works and is recorded as world size 1. `grep -n "DP:" 03_dataparallel_training.p
 lists every line that DataParallel changes.
 """
 
-import sys
-
 import torch
 from torch.utils.data import RandomSampler
 
@@ -33,9 +31,7 @@ def main() -> None:
     if args.batch_size < len(devices):
         raise UsageError(f"--batch-size {args.batch_size} is the global batch; it must "
                              f"be at least the number of GPUs ({len(devices)})")
-    if device.type == "cpu" and args.preset is None:
-        print("warning: no GPU in use: a full ResNet-50 run on the CPU takes hours; "
-              "try --preset smoke (seconds) or --preset cpu (a minute)", file=sys.stderr)
+    console.warn_if_slow_on_cpu(device, args.preset)
 
     torch.manual_seed(args.seed)
     train.configure_backends(device)

@@ -12,7 +12,6 @@ bucket by bucket while backward is still running. `--batch-size` is per process.
 """
 
 import datetime
-import sys
 
 import torch
 import torch.distributed as dist
@@ -59,9 +58,8 @@ def rank_main(args) -> None:
 
 def run_training(args, ranks, device, backend, master_process) -> None:
     rank, world_size = ranks.rank, ranks.world_size
-    if device.type == "cpu" and args.preset is None and master_process:
-        print("warning: no GPU in use: a full ResNet-50 run on the CPU takes hours; "
-              "try --preset smoke (seconds) or --preset cpu (a minute)", file=sys.stderr)
+    if master_process:
+        console.warn_if_slow_on_cpu(device, args.preset)
 
     torch.manual_seed(args.seed)  # same initial weights everywhere (DDP also broadcasts)
     train.configure_backends(device)

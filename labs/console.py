@@ -48,3 +48,10 @@ def print_summary(record: dict, path, stream=sys.stdout) -> None:
         lines.append(f"note         {note}")
     lines.append(f"result       {path}")
     print("\n".join(lines), file=stream, flush=True)
+
+
+def warn_if_slow_on_cpu(device, preset: str | None) -> None:
+    """A full ResNet-50 run on a CPU takes hours: say so before it starts."""
+    if device.type == "cpu" and preset is None:
+        print("warning: no GPU in use: a full ResNet-50 run on the CPU takes hours; "
+              "try --preset smoke (seconds) or --preset cpu (a minute)", file=sys.stderr)
