@@ -19,7 +19,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data.distributed import DistributedSampler
 
-from labs import cli, console, data, distributed, envinfo, models, results, train
+from labs import cli, console, data, distributed, models, results, train
 from labs.measure import Meter
 
 LAB = "04_ddp"
@@ -108,7 +108,8 @@ def run_training(args, ranks, device, backend, master_process) -> None:
         config=results.config_from_args(
             args, per_device_batch_size=args.batch_size,
             global_batch_size=samples_per_step * world_size, steps_per_epoch=steps, amp=amp,
-            lr=lr, num_workers=num_workers, **distributed.ddp_config(args, backend)),
+            lr=lr, num_workers=num_workers,
+            **distributed.ddp_config(args, backend, raw_model)),
         world=distributed.describe_world(ranks, backend, device),
     )
     distributed.note_launch(run, ranks, device, checkpoint, start_epoch)
@@ -120,6 +121,8 @@ def run_training(args, ranks, device, backend, master_process) -> None:
             if master_process and distributed.checkpoint_due(epoch, args.checkpoint_every):
                 distributed.save_checkpoint(args.checkpoint_dir, epoch + 1, raw_model,
                                             optimizer, trainer.scaler)
+        if args.comm_probe:  # DDP: the same steps without all-reduce: what sync costs
+            trainer.time_compute_only(loader, inside=model.no_sync)
 
     rank_summaries = distributed.gather_to_rank0(meter.rank_summary(rank))  # DDP: to rank 0
     if master_process:  # DDP: one process writes the result

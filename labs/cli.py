@@ -231,6 +231,10 @@ def _add_ddp_options(parser: argparse.ArgumentParser) -> None:
                      help="broadcast rank 0's buffers (batch-norm statistics) every step")
     ddp.add_argument("--comm-hook", choices=COMM_HOOKS, default="none",
                      help="gradient compression before all-reduce (default: none)")
+    ddp.add_argument("--no-comm-probe", dest="comm_probe", action="store_false",
+                     help="skip the short phase after training that times the same steps "
+                          "without gradient all-reduce (model.no_sync()) to measure the "
+                          "communication DDP does not hide (default: the probe runs)")
 
     ckpt = parser.add_argument_group("checkpoints (DDP)")
     ckpt.add_argument("--checkpoint-every", type=non_negative_int, default=0, metavar="N",

@@ -33,6 +33,12 @@ def print_summary(record: dict, path, stream=sys.stdout) -> None:
             f"{metrics['steps_measured']} steps ({metrics['warmup_steps']} warmup excluded)",
             f"data wait    {100 * (metrics['data_wait_fraction'] or 0):.1f} % of step time",
         ]
+    compute_only = metrics.get("compute_only_step_time_s")
+    exposed = metrics.get("exposed_comm_s")
+    if tp and compute_only and exposed:
+        lines.append(f"no sync      {compute_only['median'] * 1e3:,.1f} ms a step without "
+                     f"all-reduce: {exposed['median'] * 1e3:,.1f} ms of communication "
+                     f"not hidden behind backward")
     epochs = metrics.get("epoch_time_s") or []
     if epochs:
         lines.append("epoch time   " + ", ".join(f"{t:.1f} s" for t in epochs))

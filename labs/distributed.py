@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from labs.errors import UsageError
+from labs.results import command_line
 
 
 @dataclass
@@ -111,6 +112,7 @@ def spawn(train, args) -> None:
     """
     nproc = args.nproc
     check_backend(args.backend, args.device, nproc)  # refuse before starting anything
+    args.launch_command = command_line()  # the children only see `python -c ...`
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     # torch logs each rank it stops; the line below says so once, in the lab's words.
@@ -330,10 +332,14 @@ def _unpickling_detail(err: Exception) -> str:
 
 # --- what the result records ----------------------------------------------------------
 
-def ddp_config(args, backend: str) -> dict:
+def ddp_config(args, backend: str, model) -> dict:
     """The DDP options of this run, for the result's config block."""
+    from labs.train import gradient_bytes
+
     return {
         "backend": backend,
+        "gradient_bytes": gradient_bytes(model),  # all-reduced every step (before any hook)
+        "comm_probe": args.comm_probe,
         "bucket_cap_mb": args.bucket_cap_mb,
         "static_graph": args.static_graph,
         "sync_bn": args.sync_bn,

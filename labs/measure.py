@@ -8,7 +8,10 @@ Rules (DESIGN.md, "Measuring honestly"):
   GPU sat idle waiting for data counts against throughput; the host's wait for the next
   batch is also recorded on its own (data-wait share);
 - peak memory statistics are reset when warmup ends, for every device the process drives;
-- summaries are medians with p10/p90, not one mean.
+- summaries are medians with p10/p90, not one mean;
+- after training, 04 can time a few more steps with the gradient all-reduce switched off
+  (``start_compute_only``): the same work without communication, kept apart, so that
+  synced minus compute-only is the communication DDP failed to hide.
 
 ``Meter`` collects one process's raw numbers into a plain dict (``rank_summary``);
 ``combine`` turns the dicts of every rank into the ``metrics`` block of a result file.
@@ -173,6 +176,8 @@ class Meter:
         self.epoch_times: list[float] = []
         self.loss_per_epoch: list[float] = []
         self.measured_data_wait_s = 0.0
+        self.compute_only_times: list[float] = []
+        self._probe_warmup_left: int | None = None  # None: training steps, not the probe
         self._pending: list[tuple] = []
         self._last_mark = None
         self._epoch_started = 0.0
@@ -190,6 +195,13 @@ class Meter:
 
     def end_step(self, data_wait_s: float) -> None:
         mark = self.clock.mark()
+        if self._probe_warmup_left is not None:  # a compute-only probe step
+            if self._probe_warmup_left:
+                self._probe_warmup_left -= 1
+            else:
+                self._pending.append((self._last_mark, mark))
+            self._last_mark = mark
+            return
         if not self.warming_up:
             self._pending.append((self._last_mark, mark))
             self.measured_data_wait_s += data_wait_s
@@ -197,6 +209,20 @@ class Meter:
         self.steps_done += 1
         if self.steps_done == self.warmup_steps:
             self._warmup_done()
+
+    def start_compute_only(self, warmup_steps: int) -> None:
+        """Steps from here on belong to the compute-only probe: timed, but kept apart from
+        training's (and their first ``warmup_steps`` dropped)."""
+        self.flush()
+        self._probe_warmup_left = warmup_steps
+        self._last_mark = self.clock.mark()
+
+    def end_compute_only(self) -> None:
+        """Wait for the device once and file the probe's step times."""
+        self.clock.synchronize()
+        self.compute_only_times.extend(self.clock.seconds(a, b) for a, b in self._pending)
+        self._pending.clear()
+        self._probe_warmup_left = None
 
     def _warmup_done(self) -> None:
         for device in self.devices:
@@ -218,9 +244,11 @@ class Meter:
     def flush(self) -> None:
         """Keep the steps of an epoch cut short (interrupt, OOM) when the device allows."""
         if self._pending:
+            into = self.step_times if self._probe_warmup_left is None else \
+                self.compute_only_times
             try:
                 self.clock.synchronize()
-                self.step_times.extend(self.clock.seconds(a, b) for a, b in self._pending)
+                into.extend(self.clock.seconds(a, b) for a, b in self._pending)
             except Exception:  # noqa: BLE001 - a broken device: the steps are lost, say so
                 pass
             self._pending.clear()
@@ -231,14 +259,20 @@ class Meter:
             self.sampler.stop()
             self._sampling = False
         host = socket.gethostname()
-        step_median = float(np.median(self.step_times)) if self.step_times else None
+        # One device per process: its step time is the process's. DataParallel drives
+        # several from one process, and nothing times each GPU's share on its own.
+        step_median = (float(np.median(self.step_times))
+                       if self.step_times and len(self.devices) == 1 else None)
         per_device = []
         notes = []
+        if len(self.devices) > 1:
+            notes.append("Step time is not measured per GPU under DataParallel: one process "
+                         "drives every GPU, and the step time is the whole step's.")
         for device in self.devices:
             entry = {"device": str(device), "index": device.index, "host": host,
                      "rank": rank, "name": None, "peak_allocated_bytes": None,
-                     "peak_reserved_bytes": None, "step_time_s": step_median,
-                     "utilization_pct": None, "power_w": None}
+                     "peak_reserved_bytes": None, "total_memory_bytes": None,
+                     "step_time_s": step_median, "utilization_pct": None, "power_w": None}
             if device.type == "cuda":
                 index = device.index if device.index is not None else torch.cuda.current_device()
                 entry.update(
@@ -246,6 +280,7 @@ class Meter:
                     name=torch.cuda.get_device_name(index),
                     peak_allocated_bytes=int(torch.cuda.max_memory_allocated(index)),
                     peak_reserved_bytes=int(torch.cuda.max_memory_reserved(index)),
+                    total_memory_bytes=int(torch.cuda.get_device_properties(index).total_memory),
                     utilization_pct=self.sampler.utilization_pct(index),
                     power_w=self.sampler.power_w(index),
                 )
@@ -260,6 +295,7 @@ class Meter:
             "host": host,
             "samples_per_step": self.samples_per_step,
             "step_times_s": list(self.step_times),
+            "compute_only_step_times_s": list(self.compute_only_times),
             "measured_data_wait_s": self.measured_data_wait_s,
             "epoch_time_s": list(self.epoch_times),
             "loss_per_epoch": list(self.loss_per_epoch),
@@ -270,12 +306,21 @@ class Meter:
         }
 
 
+def slowest_rank(ranks: list[dict], key: str, steps: int) -> dict:
+    """The rank whose first ``steps`` entries of ``key`` took the longest in total."""
+    return max(ranks, key=lambda r: sum(r[key][:steps]))
+
+
 def combine(ranks: list[dict]) -> tuple[dict, list[str]]:
     """The ``metrics`` block of a result from every rank's summary, and notes about it.
 
-    Each rank runs the same steps in lock-step (DDP synchronises every step), so step i's
-    global time is the slowest rank's, and global samples per step is the sum over ranks.
-    Global throughput = global samples in the measured steps / slowest rank's wall time.
+    Every DDP step ends in a collective, so the job goes at the pace of its slowest rank.
+    The global step statistics are that rank's own per-step distribution: what an observer
+    timing the slowest rank from outside would see. (A per-step maximum over ranks would
+    overstate step time, because each rank's step boundaries fall at a different moment of
+    the shared wait, and the max picks the longest slice every time.) Global throughput
+    = global samples per step / those step times; its mean = global samples in the
+    measured steps / the slowest rank's measured wall time.
     """
     notes: list[str] = []
     ranks = sorted(ranks, key=lambda r: r["rank"])
@@ -284,26 +329,28 @@ def combine(ranks: list[dict]) -> tuple[dict, list[str]]:
         notes.append("Ranks measured different numbers of steps; the extra steps of the "
                      "faster ranks are left out.")
     global_samples_per_step = sum(r["samples_per_step"] for r in ranks)
-    step_times = np.max(np.array([r["step_times_s"][:steps] for r in ranks], dtype=float),
-                        axis=0) if steps else np.array([])
     metrics: dict = {
         "steps_measured": int(steps),
         "warmup_steps": int(ranks[0]["warmup_steps"]),
         "global_samples_per_step": int(global_samples_per_step),
     }
     if steps:
-        throughput = global_samples_per_step / step_times
-        slowest_wall = max(sum(r["step_times_s"][:steps]) for r in ranks)
-        metrics["throughput_img_s"] = {**spread(throughput),
+        slowest = slowest_rank(ranks, "step_times_s", steps)
+        step_times = np.array(slowest["step_times_s"][:steps], dtype=float)
+        slowest_wall = float(step_times.sum())
+        metrics["slowest_rank"] = slowest["rank"]
+        metrics["throughput_img_s"] = {**spread(global_samples_per_step / step_times),
                                        "mean": global_samples_per_step * steps / slowest_wall}
         metrics["step_time_s"] = spread(step_times)
         wait = max(r["measured_data_wait_s"] for r in ranks)
         metrics["data_wait_fraction"] = min(1.0, wait / slowest_wall) if slowest_wall else None
     else:
+        metrics["slowest_rank"] = None
         metrics["throughput_img_s"] = None
         metrics["step_time_s"] = None
         metrics["data_wait_fraction"] = None
         notes.append("No step was measured after warmup, so there is no throughput.")
+    metrics.update(_compute_only(ranks, metrics["step_time_s"]))
     epochs = min(len(r["epoch_time_s"]) for r in ranks)
     metrics["epoch_time_s"] = [max(r["epoch_time_s"][e] for r in ranks) for e in range(epochs)]
     n_losses = min(len(r["loss_per_epoch"]) for r in ranks)
@@ -317,6 +364,8 @@ def combine(ranks: list[dict]) -> tuple[dict, list[str]]:
     metrics["per_rank"] = [
         {"rank": r["rank"], "host": r["host"], "steps_measured": len(r["step_times_s"]),
          "step_time_s": spread(r["step_times_s"]) if r["step_times_s"] else None,
+         "compute_only_step_time_s": (spread(r["compute_only_step_times_s"])
+                                      if r.get("compute_only_step_times_s") else None),
          "data_wait_s": r["measured_data_wait_s"]}
         for r in ranks
     ]
@@ -325,3 +374,17 @@ def combine(ranks: list[dict]) -> tuple[dict, list[str]]:
             if note not in notes:
                 notes.append(note)
     return metrics, notes
+
+
+def _compute_only(ranks: list[dict], step_time: dict | None) -> dict:
+    """The compute-only probe (04): the slowest rank's probe steps, by the same definition
+    as the global step time, and exposed communication = synced - compute-only median.
+    Null when the probe did not run on every rank."""
+    probes = [r.get("compute_only_step_times_s") or [] for r in ranks]
+    steps = min(map(len, probes))
+    if not steps or step_time is None:
+        return {"compute_only_step_time_s": None, "exposed_comm_s": None}
+    slowest = slowest_rank(ranks, "compute_only_step_times_s", steps)
+    compute_only = spread(slowest["compute_only_step_times_s"][:steps])
+    return {"compute_only_step_time_s": compute_only,
+            "exposed_comm_s": {"median": step_time["median"] - compute_only["median"]}}

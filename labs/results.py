@@ -187,7 +187,8 @@ class Run:
             "run_name": self.run_name,
             "started_at": utc_now(),
             "finished_at": None,
-            "command": command_line(),
+            # --nproc: the user's command, not the spawned child's `python -c ...`
+            "command": getattr(args, "launch_command", None) or command_line(),
             "config": {"strategy": strategy, "preset": args.preset, **config},
             "world": world,
             "environment": envinfo.collect() if writer else None,
@@ -393,6 +394,9 @@ def config_from_args(args, *, per_device_batch_size: int, global_batch_size: int
         "lr": lr,
         "optimizer": "SGD(momentum=0.9, weight_decay=1e-4)",
         "num_workers": num_workers,
+        # CPU speed depends on it, so a baseline must match it (torchrun and --nproc
+        # share the cores between ranks; a plain python run takes them all).
+        "threads_per_process": torch.get_num_threads(),
         "seed": args.seed,
         **extra,
     }

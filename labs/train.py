@@ -21,6 +21,10 @@ from labs import faults
 from labs.errors import UsageError
 from labs.measure import Meter
 
+# The compute-only probe (04): enough steps for a median, few enough to cost seconds.
+COMPUTE_ONLY_STEPS = 10
+COMPUTE_ONLY_WARMUP = 2
+
 
 def resolve_amp(requested: str, device: torch.device) -> str:
     """auto: bf16 on GPUs that support it, fp16 on older GPUs, off on the CPU."""
@@ -74,6 +78,12 @@ def build_optimizer(model: nn.Module, lr: float, device: torch.device) -> torch.
     params = [p for p in model.parameters() if p.requires_grad]
     implementation = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4, **implementation)
+
+
+def gradient_bytes(model: nn.Module) -> int:
+    """Bytes of gradient one backward pass produces: what DDP all-reduces every step
+    (gradients take their parameter's dtype, fp32 here even under autocast)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
 def default_lr(global_batch: int) -> float:
@@ -131,6 +141,20 @@ class Trainer:
             self.scaler.scale(loss).backward()
         return loss.detach()
 
+    def _step(self, batches, loss_sum: torch.Tensor) -> None:
+        """One optimizer step (``grad_accum_steps`` micro-batches); adds its loss to
+        ``loss_sum`` on the device (no host sync)."""
+        data_wait = 0.0
+        for micro in range(self.grad_accum_steps):
+            started = time.perf_counter()
+            images, labels = next(batches)
+            data_wait += time.perf_counter() - started
+            loss_sum += self._micro_step(images, labels, micro == self.grad_accum_steps - 1)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.meter.end_step(data_wait)
+
     def train_one_epoch(self, loader, epoch: int) -> float:
         """One epoch; returns the mean loss (read once, at the end: one host sync)."""
         self.model.train()
@@ -144,17 +168,7 @@ class Trainer:
         for _ in range(self.steps_per_epoch):
             if self.fault is not None:
                 self.fault.maybe_fire(meter.steps_done)
-            data_wait = 0.0
-            for micro in range(self.grad_accum_steps):
-                started = time.perf_counter()
-                images, labels = next(batches)
-                data_wait += time.perf_counter() - started
-                loss_sum += self._micro_step(images, labels,
-                                             micro == self.grad_accum_steps - 1)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            meter.end_step(data_wait)
+            self._step(batches, loss_sum)
             progress.update()
         mean_loss = loss_sum / self.steps_per_epoch
         meter.end_epoch(mean_loss)
@@ -163,3 +177,30 @@ class Trainer:
         progress.close()
         del batches  # stop this epoch's workers before the next epoch starts its own
         return loss
+
+    def time_compute_only(self, loader, inside: Callable[[], ContextManager],
+                          steps: int = COMPUTE_ONLY_STEPS,
+                          warmup_steps: int = COMPUTE_ONLY_WARMUP) -> None:
+        """After training: ``steps`` more steps of the same work on the same data, all of
+        them inside ``inside()`` (DDP's ``no_sync``: compute without the gradient
+        all-reduce), timed apart in the meter. The ranks' weights drift apart during these
+        steps, so nothing may be saved after them."""
+        self.model.train()
+        self.meter.start_compute_only(warmup_steps)
+        loss_sum = torch.zeros((), device=self.device)  # not reported: these steps don't train
+        with inside():
+            batches = _endless(loader)
+            for _ in range(warmup_steps + steps):
+                self._step(batches, loss_sum)
+        self.meter.end_compute_only()
+
+
+def _endless(loader):
+    """The loader's batches, starting over when it runs out (a short epoch)."""
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise RuntimeError("the data loader yields no batch")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -38,6 +37,16 @@ def assert_valid_ddp_result(folder, world_size: int, nnodes: int = 1) -> dict:
     assert record["config"]["global_batch_size"] == per_rank_batch * world_size
     tp = metrics["throughput_img_s"]
     assert 0 < tp["p10"] <= tp["median"] <= tp["p90"]
+    assert record["config"]["threads_per_process"] == 1  # OMP_NUM_THREADS=1 in lab_env
+    # ResNet-18 with 10 classes: 11,181,642 trainable fp32 parameters
+    assert record["config"]["gradient_bytes"] == 11_181_642 * 4
+    # the compute-only probe ran on every rank, after training
+    compute_only = metrics["compute_only_step_time_s"]
+    assert 0 < compute_only["p10"] <= compute_only["median"] <= compute_only["p90"]
+    assert all(r["compute_only_step_time_s"]["median"] > 0 for r in metrics["per_rank"])
+    assert metrics["exposed_comm_s"]["median"] == pytest.approx(
+        metrics["step_time_s"]["median"] - compute_only["median"])
+    assert metrics["slowest_rank"] in range(world_size)
     return record
 
 
@@ -59,6 +68,18 @@ def test_self_launch_with_nproc(results_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = assert_valid_ddp_result(results_dir, world_size=2)
     assert record["world"]["launcher"] == "spawn"
+    # the user's command, not the spawned child's `python -c 'from multiprocessing...'`
+    assert "04_ddp_training.py" in record["command"]
+    assert "--nproc 2" in record["command"] and "multiprocessing" not in record["command"]
+
+
+def test_no_comm_probe_skips_the_compute_only_phase(results_dir):
+    proc = run_script(SCRIPT, *SMOKE, "--no-comm-probe", "--results-dir", results_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = read_single_result(results_dir)
+    assert record["config"]["comm_probe"] is False
+    assert record["metrics"]["compute_only_step_time_s"] is None
+    assert record["metrics"]["exposed_comm_s"] is None
 
 
 def test_two_nodes_on_localhost(results_dir):
