@@ -8,7 +8,8 @@ themselves write the results and the report. Plans by hardware:
 - one GPU: the ResNet-50 baseline, DP and DDP at world size 1 (labelled as such: they
   measure overhead, not scaling);
 - N GPUs: the lab's own commands: 02 at batch 64, 03 at 64 x N on all GPUs, 04 under
-  torchrun with N processes at 64 each, with AMP.
+  torchrun with N processes at 64 each, with AMP; 02 also runs in fp32 (--amp off) so the
+  report can show what mixed precision buys.
 """
 
 from __future__ import annotations
@@ -99,29 +100,39 @@ def build_plan(args, gpu_count: int) -> Plan:
     python = sys.executable
     script = {k: str(REPO / v) for k, v in SCRIPTS.items()}
 
-    ddp_env: dict = {}
+    env: dict[str, dict] = {}
     if n == 0:
-        plan.notes.append("No GPU: every step runs on the CPU; 04 uses 2 processes over "
-                          "gloo. The numbers show the mechanics, not GPU speed.")
+        from labs.distributed import threads_per_rank
+
+        ranks = 2
+        plan.notes.append(f"No GPU: every step runs on the CPU; 04 uses {ranks} processes "
+                          f"over gloo. The numbers show the mechanics, not GPU speed.")
+        # 04's ranks share the cores; 02 and 03 get one rank's share, so that the
+        # baseline matches DDP's threads per process and efficiency compares like with like.
+        threads = {"OMP_NUM_THREADS": str(threads_per_rank(ranks))}
+        env = {"02": threads, "03": threads}
         per_step = {
-            "02": [python, script["02"], "--device", "cpu", *common],
-            "03": [python, script["03"], *common],
-            "04": [python, script["04"], "--nproc", "2", "--device", "cpu", *common],
+            "02": [[python, script["02"], "--device", "cpu", *common]],
+            "03": [[python, script["03"], *common]],
+            "04": [[python, script["04"], "--nproc", str(ranks), "--device", "cpu", *common]],
         }
     else:
         batch = 64
         gpu_list = ",".join(map(str, gpus))
         # torchrun gives local rank r the r-th visible GPU: pin a subset by visibility
-        ddp_env = {} if gpus == list(range(gpu_count)) else {"CUDA_VISIBLE_DEVICES": gpu_list}
+        if gpus != list(range(gpu_count)):
+            env["04"] = {"CUDA_VISIBLE_DEVICES": gpu_list}
         size = ([] if preset else ["--model", "resnet50", "--epochs", "5"])
+        baseline = [python, script["02"], "--batch-size", str(batch), "--device",
+                    f"cuda:{gpus[0]}", *size, *common]
         per_step = {
-            "02": [python, script["02"], "--batch-size", str(batch), "--device",
-                   f"cuda:{gpus[0]}", *size, *common],
-            "03": [python, script["03"], "--batch-size", str(batch * n), "--gpus",
-                   gpu_list, *size, *common],
-            "04": [python, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={n}", script["04"], "--batch-size", str(batch),
-                   "--amp", "auto", *size, *common],
+            # the fp32 reference beside the mixed-precision baseline: AMP's effect measured
+            "02": [[*baseline, "--amp", "auto"], [*baseline, "--amp", "off"]],
+            "03": [[python, script["03"], "--batch-size", str(batch * n), "--gpus",
+                    gpu_list, *size, *common]],
+            "04": [[python, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={n}", script["04"], "--batch-size", str(batch),
+                    "--amp", "auto", *size, *common]],
         }
         if n == 1:
             plan.notes.append("One GPU: DataParallel and DDP run at world size 1. They "
@@ -134,8 +145,8 @@ def build_plan(args, gpu_count: int) -> Plan:
                                                 str(args.results_dir), *quick]))
         elif step in TRAINING_STEPS:
             for k in range(args.repeat):
-                plan.commands.append(Command(step, per_step[step], k,
-                                             env=ddp_env if step == "04" else {}))
+                for argv in per_step[step]:
+                    plan.commands.append(Command(step, argv, k, env=env.get(step, {})))
         elif step == "05":
             plan.commands.append(Command("05", [
                 python, script["05"], "--results-dir", str(args.results_dir),
