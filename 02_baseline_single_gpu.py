@@ -20,7 +20,7 @@ LAB = "02_baseline"
 
 def main() -> None:
     args = cli.parse_args(LAB, __doc__)  # bad input: one line, exit status 2
-    device = envinfo.resolve_device(args.device)
+    device = envinfo.select_device(args.device)
     results.prepare_dir(args.results_dir)  # an unwritable folder fails now, not after training
     console.warn_if_slow_on_cpu(device, args.preset)
 
@@ -43,7 +43,8 @@ def main() -> None:
     lr = args.lr or train.default_lr(samples_per_step)
     optimizer = train.build_optimizer(model, lr, device)
 
-    meter = Meter(device, args.warmup_steps, samples_per_step)
+    meter = Meter(device, args.warmup_steps, samples_per_step,
+                  data_pool_bytes=data.resident_bytes(dataset))
     trainer = train.Trainer(model, optimizer, device, amp=amp,
                             channels_last=args.channels_last,
                             grad_accum_steps=args.grad_accum_steps, meter=meter,

@@ -15,7 +15,7 @@ lists every line that DataParallel changes.
 import torch
 from torch.utils.data import RandomSampler
 
-from labs import cli, console, data, envinfo, models, results, train
+from labs import cli, console, data, dp, envinfo, models, results, train
 from labs.errors import UsageError
 from labs.measure import Meter
 
@@ -24,7 +24,8 @@ LAB = "03_dataparallel"
 
 def main() -> None:
     args = cli.parse_args(LAB, __doc__)  # bad input: one line, exit status 2
-    gpu_ids = envinfo.resolve_gpus(args.gpus)  # DP: the GPUs to split each batch across
+    gpu_ids = envinfo.select_gpus(args.gpus)  # DP: the GPUs to split each batch across
+    dp.check_compile(args.compile, gpu_ids)  # DP: its replicas would run uncompiled
     devices = [torch.device("cuda", i) for i in gpu_ids] or [torch.device("cpu")]
     device = devices[0]  # DP: inputs, outputs, loss and optimizer all live on the first
     results.prepare_dir(args.results_dir)  # an unwritable folder fails now, not after training
@@ -48,7 +49,7 @@ def main() -> None:
     model = train.prepare_model(model, device, args.channels_last)
     # DP: the replicas run in threads, where DataParallel re-enters autocast without a
     # dtype (float16 on CUDA); fixing the dtype inside forward keeps bf16 bf16.
-    model = train.AutocastForward(model, device.type, train.autocast_dtype(amp))
+    model = dp.AutocastForward(model, device.type, train.autocast_dtype(amp))
     model = torch.nn.DataParallel(model, device_ids=gpu_ids or None,  # DP: split batches,
                                   output_device=gpu_ids[0] if gpu_ids else None)  # gather on 0
     if args.compile:
@@ -58,6 +59,7 @@ def main() -> None:
     optimizer = train.build_optimizer(model, lr, device)
 
     meter = Meter(device, args.warmup_steps, samples_per_step,
+                  data_pool_bytes=data.resident_bytes(dataset),
                   devices=devices)  # DP: peak memory on every GPU (GPU 0 holds more)
     trainer = train.Trainer(model, optimizer, device, amp=amp,
                             channels_last=args.channels_last,

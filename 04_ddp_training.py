@@ -91,7 +91,8 @@ def run_training(args, ranks, device, backend, master_process) -> None:
     lr = args.lr or train.default_lr(samples_per_step * world_size)  # DDP: global batch
     optimizer = train.build_optimizer(model, lr, device)
 
-    meter = Meter(device, args.warmup_steps, samples_per_step)
+    meter = Meter(device, args.warmup_steps, samples_per_step,
+                  data_pool_bytes=data.resident_bytes(dataset))
     trainer = train.Trainer(model, optimizer, device, amp=amp,
                             channels_last=args.channels_last,
                             grad_accum_steps=args.grad_accum_steps, meter=meter,

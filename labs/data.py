@@ -43,13 +43,24 @@ class SyntheticImages(Dataset):
         index %= len(self.labels)
         return self.images[index], self.labels[index]
 
+    @property
+    def pool_bytes(self) -> int:
+        """Device memory the pool holds for the whole run (in every measured peak)."""
+        return self.images.nbytes + self.labels.nbytes
+
     def __getitems__(self, indices: list[int]):
-        # DataLoader hands a whole batch of indices here: one gather on the device.
-        # The index list is the only thing copied, and non_blocking keeps the host from
-        # waiting for the GPU.
+        # DataLoader hands a whole batch of indices here: one gather on the device. The
+        # index list is the only thing copied; from pinned memory the copy is truly
+        # asynchronous (from pageable memory a "non_blocking" copy makes the host wait).
         idx = torch.as_tensor(indices).remainder_(len(self.labels))
-        idx = idx.to(self.images.device, non_blocking=True)
+        if self.images.is_cuda:
+            idx = idx.pin_memory().to(self.images.device, non_blocking=True)
         return self.images[idx], self.labels[idx]
+
+
+def resident_bytes(dataset: Dataset) -> int:
+    """Device memory the data set itself holds: the synthetic pool, 0 for the others."""
+    return dataset.pool_bytes if isinstance(dataset, SyntheticImages) else 0
 
 
 def _already_batched(batch):

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from labs.compat import OutOfMemoryError
 from labs.errors import UsageError
 from labs.results import command_line
 
@@ -295,7 +296,7 @@ def load_checkpoint(path: Path, model, optimizer, scaler, device: torch.device) 
     ``weights_only=True``: a checkpoint is data, never code to unpickle."""
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-    except torch.OutOfMemoryError:
+    except OutOfMemoryError:
         raise
     except pickle.UnpicklingError as err:  # garbage, or pickled objects that are not data
         raise UsageError(f"--resume {path}: not a readable checkpoint: refused by "

@@ -100,8 +100,23 @@ def device_entry(device: torch.device, rank: int | None = None) -> dict:
     return entry
 
 
-def resolve_device(text: str) -> torch.device:
-    """--device auto|cpu|cuda|cuda:N; a device that is not there is a usage error."""
+def select_device(text: str) -> torch.device:
+    """--device auto|cpu|cuda|cuda:N, made this process's current device (see
+    ``use_device``); a device that is not there is a usage error."""
+    device = _parse_device(text)
+    use_device(device)
+    return device
+
+
+def use_device(device: torch.device) -> None:
+    """Make a GPU the current CUDA device. Without it, everything that asks "the current
+    device" (AMP's bf16 check, the pinned-memory thread, cuDNN handles) uses GPU 0 and
+    opens a stray context there, whatever --device said."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def _parse_device(text: str) -> torch.device:
     from labs.errors import UsageError
 
     text = text.strip().lower()
@@ -124,17 +139,19 @@ def resolve_device(text: str) -> torch.device:
     raise UsageError(f"--device {text}: expected auto, cpu, cuda or cuda:N")
 
 
-def resolve_gpus(requested: list[int] | None) -> list[int]:
-    """--gpus for DataParallel: default every visible GPU (none on a CPU-only machine);
-    naming a GPU that is not there is a usage error."""
+def select_gpus(requested: list[int] | None) -> list[int]:
+    """--gpus for DataParallel: default every visible GPU (none on a CPU-only machine),
+    the first made the current device (DataParallel's output device); naming a GPU that
+    is not there is a usage error."""
     from labs.errors import UsageError
 
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if requested is None:
-        return list(range(visible))
-    missing = [i for i in requested if i >= visible]
+    gpus = list(range(visible)) if requested is None else requested
+    missing = [i for i in gpus if i >= visible]
     if missing:
         have = f"GPUs 0 to {visible - 1}" if visible else "no GPU"
         raise UsageError(f"--gpus {','.join(map(str, requested))}: this machine has {have}; "
                          f"omit --gpus to use every visible GPU")
-    return requested
+    if gpus:
+        use_device(torch.device("cuda", gpus[0]))
+    return gpus

@@ -5,7 +5,7 @@ Set ``LAB_FAULT`` to comma-separated ``key=value`` pairs:
     LAB_FAULT="kind=exit,rank=1,step=7"     rank 1 dies abruptly before its 8th step
 
 - ``kind``: ``exit`` (the process vanishes, as when killed), ``raise`` (an exception),
-  ``oom`` (torch.OutOfMemoryError), ``sigterm`` or ``sigint`` (the signal to itself),
+  ``oom`` (an out-of-memory error), ``sigterm`` or ``sigint`` (the signal to itself),
   ``hang`` (sleeps, as a stuck rank would);
 - ``rank``: which rank (default: every rank);
 - ``step``: before which optimizer step of this process, counted from 0 (default 0);
@@ -20,7 +20,7 @@ import signal
 import time
 from dataclasses import dataclass
 
-import torch
+from labs.compat import OutOfMemoryError
 
 KINDS = ("exit", "raise", "oom", "sigterm", "sigint", "hang")
 
@@ -44,7 +44,7 @@ class Fault:
         if self.kind == "raise":
             raise RuntimeError(f"injected fault at step {step}")
         if self.kind == "oom":
-            raise torch.OutOfMemoryError("CUDA out of memory (injected fault)")
+            raise OutOfMemoryError("CUDA out of memory (injected fault)")
         if self.kind in ("sigterm", "sigint"):
             os.kill(os.getpid(), signal.SIGTERM if self.kind == "sigterm" else signal.SIGINT)
             time.sleep(5)  # the handler raises in this thread long before this ends

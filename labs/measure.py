@@ -64,6 +64,10 @@ class _Clock:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
+    def finished(self, mark) -> bool:
+        """Has the device reached ``mark``? Never waits (CUDA events are queried)."""
+        return mark.query() if self.cuda else True
+
 
 class DeviceSampler:
     """Samples GPU utilisation and power (NVML) and host RSS in a background thread."""
@@ -82,27 +86,34 @@ class DeviceSampler:
 
     def _nvml_handles(self) -> dict:
         cuda = [d for d in self.devices if d.type == "cuda"]
-        if not cuda:
-            return {}
         try:
             import pynvml  # from the optional `nvidia-ml-py` package
-
+        except ImportError:
+            if cuda:
+                self.note = ("GPU utilisation and power not measured: NVML unavailable "
+                             "(pip install 'dp-vs-ddp-lab[gpu]')")
+            return {}
+        if not cuda:
+            self.note = "GPU utilisation and power not measured: NVML saw no GPU in use."
+            return {}
+        try:
             pynvml.nvmlInit()
-        except Exception:  # noqa: BLE001 - absent package or driver: report, don't fail
-            self.note = ("GPU utilisation and power not measured: NVML unavailable "
-                         "(pip install 'dp-vs-ddp-lab[gpu]')")
+        except Exception:  # noqa: BLE001 - no driver: report, don't fail
+            self.note = "GPU utilisation and power not measured: NVML could not start."
             return {}
         handles = {}
         for device in cuda:
             index = device.index if device.index is not None else torch.cuda.current_device()
-            props = torch.cuda.get_device_properties(index)
-            # CUDA_VISIBLE_DEVICES renumbers devices; the PCI bus id is the same in both.
-            bus_id = (f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:"
-                      f"{props.pci_device_id:02x}.0")
             try:
+                # CUDA_VISIBLE_DEVICES renumbers devices; the PCI bus id is the same in
+                # both. (torch < 2.8 has no PCI ids: AttributeError, noted below.)
+                props = torch.cuda.get_device_properties(index)
+                bus_id = (f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:"
+                          f"{props.pci_device_id:02x}.0")
                 handles[index] = pynvml.nvmlDeviceGetHandleByPciBusId(bus_id)
             except Exception:  # noqa: BLE001
-                self.note = "GPU utilisation and power not measured: NVML could not map a device"
+                self.note = ("GPU utilisation and power not measured: NVML could not map "
+                             "a device (PyTorch older than 2.8 reports no PCI bus id)")
         return handles
 
     def _sample(self) -> None:
@@ -164,9 +175,11 @@ class Meter:
     """
 
     def __init__(self, device: torch.device, warmup_steps: int, samples_per_step: int,
-                 devices: list[torch.device] | None = None):
+                 data_pool_bytes: int = 0, devices: list[torch.device] | None = None):
         self.device = device
         self.devices = devices or [device]  # DataParallel drives several from one process
+        # The synthetic images resident on ``device``: in every peak, but not training's.
+        self.data_pool_bytes = data_pool_bytes
         self.warmup_steps = warmup_steps
         self.samples_per_step = samples_per_step
         self.clock = _Clock(device)
@@ -212,8 +225,7 @@ class Meter:
 
     def start_compute_only(self, warmup_steps: int) -> None:
         """Steps from here on belong to the compute-only probe: timed, but kept apart from
-        training's (and their first ``warmup_steps`` dropped)."""
-        self.flush()
+        training's (and their first ``warmup_steps`` dropped). Call it between epochs."""
         self._probe_warmup_left = warmup_steps
         self._last_mark = self.clock.mark()
 
@@ -242,14 +254,16 @@ class Meter:
             self.loss_per_epoch.append(value if math.isfinite(value) else float("nan"))
 
     def flush(self) -> None:
-        """Keep the steps of an epoch cut short (interrupt, OOM) when the device allows."""
+        """Keep the steps of an epoch cut short (interrupt, OOM, a failed peer) that the
+        device has finished, without waiting for it: under NCCL a collective that lost
+        its peer never finishes, and a synchronize would wait for it forever."""
         if self._pending:
             into = self.step_times if self._probe_warmup_left is None else \
                 self.compute_only_times
             try:
-                self.clock.synchronize()
-                into.extend(self.clock.seconds(a, b) for a, b in self._pending)
-            except Exception:  # noqa: BLE001 - a broken device: the steps are lost, say so
+                into.extend(self.clock.seconds(a, b) for a, b in self._pending
+                            if self.clock.finished(b))
+            except Exception:  # noqa: BLE001 - a broken device: the steps are lost
                 pass
             self._pending.clear()
 
@@ -272,6 +286,7 @@ class Meter:
             entry = {"device": str(device), "index": device.index, "host": host,
                      "rank": rank, "name": None, "peak_allocated_bytes": None,
                      "peak_reserved_bytes": None, "total_memory_bytes": None,
+                     "data_pool_bytes": None,
                      "step_time_s": step_median, "utilization_pct": None, "power_w": None}
             if device.type == "cuda":
                 index = device.index if device.index is not None else torch.cuda.current_device()
@@ -281,6 +296,7 @@ class Meter:
                     peak_allocated_bytes=int(torch.cuda.max_memory_allocated(index)),
                     peak_reserved_bytes=int(torch.cuda.max_memory_reserved(index)),
                     total_memory_bytes=int(torch.cuda.get_device_properties(index).total_memory),
+                    data_pool_bytes=self.data_pool_bytes if device == self.device else 0,
                     utilization_pct=self.sampler.utilization_pct(index),
                     power_w=self.sampler.power_w(index),
                 )

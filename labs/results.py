@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from labs import envinfo
+from labs.compat import OutOfMemoryError
 from labs.errors import UsageError
 
 SCHEMA_VERSION = 1
@@ -211,7 +212,7 @@ class Run:
             yield
         except UsageError:
             raise
-        except torch.OutOfMemoryError as err:
+        except OutOfMemoryError as err:
             batch = self.record["config"].get("per_device_batch_size")
             reason = (f"out of memory at {batch} images per device; try a smaller "
                       f"--batch-size or the same batch with --grad-accum-steps")

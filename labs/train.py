@@ -1,7 +1,7 @@
 """The training loop shared by steps 02, 03 and 04.
 
 It knows nothing of DataParallel or DistributedDataParallel: the scripts wrap the model
-before handing it over. The one hook DDP needs, skipping the gradient all-reduce on the
+before handing it over (DataParallel's own helpers are in ``labs.dp``). The one hook DDP needs, skipping the gradient all-reduce on the
 micro-steps of gradient accumulation, comes in as ``skip_grad_sync`` (a context manager
 factory such as ``ddp_model.no_sync``).
 """
@@ -27,12 +27,15 @@ COMPUTE_ONLY_WARMUP = 2
 
 
 def resolve_amp(requested: str, device: torch.device) -> str:
-    """auto: bf16 on GPUs that support it, fp16 on older GPUs, off on the CPU."""
+    """auto: bf16 on GPUs with native bf16 (compute capability 8.0, Ampere, and newer),
+    fp16 with GradScaler on older GPUs, off on the CPU."""
     if requested != "auto":
         return requested
     if device.type != "cuda":
         return "off"  # CPU autocast is slower than fp32 on CPUs without bf16 units
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    # Not torch.cuda.is_bf16_supported(): by default it also counts emulated bf16, which
+    # runs slower than fp16 on the tensor cores of a V100 or T4.
+    return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
 
 
 def autocast_dtype(amp: str) -> torch.dtype | None:
@@ -45,25 +48,6 @@ def configure_backends(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True  # autotune convolutions; warmup absorbs it
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 parts
         torch.backends.cudnn.allow_tf32 = True
-
-
-class AutocastForward(nn.Module):
-    """Runs the wrapped module's forward under autocast with a fixed dtype.
-
-    Autocast state is per thread. Where forward runs in a thread that sets autocast up
-    itself without a dtype (DataParallel's replicas get float16 on CUDA that way), an
-    autocast entered inside forward is the innermost one, so the requested dtype holds.
-    """
-
-    def __init__(self, module: nn.Module, device_type: str, dtype: torch.dtype | None):
-        super().__init__()
-        self.module = module
-        self.device_type = device_type
-        self.dtype = dtype
-
-    def forward(self, *args, **kwargs):
-        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None):
-            return self.module(*args, **kwargs)
 
 
 def prepare_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:

@@ -279,6 +279,7 @@ def test_bad_invocation_exits_2_with_one_line_and_writes_nothing(jobs, case, scr
     assert not (places["file"].parent / "UNPICKLED").exists()
 
 
+@pytest.mark.compat
 def test_pickled_object_in_a_checkpoint_is_refused_never_unpickled(jobs, tmp_path):
     proc, _, places = jobs.get("04-resume-pickled-object")
     assert proc.returncode == 2

@@ -67,6 +67,9 @@ class FakeClock:
     def synchronize(self):
         self.synchronized += 1
 
+    def finished(self, mark):
+        return True
+
 
 def hand_meter(warmup_steps: int, samples_per_step: int = 4) -> tuple[Meter, FakeClock]:
     meter = Meter(CPU, warmup_steps=warmup_steps, samples_per_step=samples_per_step)
@@ -178,6 +181,41 @@ def test_meter_flush_keeps_the_steps_of_an_epoch_cut_short():
     meter.flush()
     assert meter.step_times == [2.0, 3.0]  # nothing counted twice
     meter.rank_summary()
+
+
+class FakeEvent:
+    """A CUDA event as the Meter sees it: recorded at ``t`` ms, done or not yet."""
+
+    def __init__(self, t: float, done: bool):
+        self.t, self.done = t, done
+
+    def query(self):
+        return self.done
+
+    def elapsed_time(self, end):
+        assert self.done and end.done, "elapsed_time on an unfinished event blocks"
+        return end.t - self.t
+
+
+def test_meter_flush_on_the_failure_path_never_waits_for_the_gpu(monkeypatch):
+    """After a peer dies under NCCL, the last steps' collectives never finish: flush keeps
+    the finished steps and must not call a synchronising CUDA API."""
+    def no_sync(*args, **kwargs):
+        raise AssertionError("the failure path synchronised with the GPU")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", no_sync)
+    monkeypatch.setattr(torch.cuda, "current_stream", no_sync)
+    meter = Meter(CPU, warmup_steps=1, samples_per_step=4)
+    meter.clock.cuda = True  # a GPU clock whose events the test controls
+    events = iter([FakeEvent(0, True), FakeEvent(100, True), FakeEvent(250, True),
+                   FakeEvent(450, True), FakeEvent(700, False), FakeEvent(1000, False)])
+    meter.clock.mark = lambda: next(events)
+    meter.start_epoch()
+    for _ in range(5):
+        meter.end_step(0.0)
+    meter.flush()  # the result guard's call when a run fails
+    assert meter.step_times == [0.15, 0.2]  # warmup dropped; unfinished steps left out
+    assert meter._pending == []
 
 
 def test_meter_with_the_real_clock_measures_positive_times():

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from labs import cli, envinfo, results
+from labs.compat import OutOfMemoryError
 from labs.errors import UsageError
 from labs.measure import Meter
 from labs.results import MAX_RESULT_BYTES, SCHEMA_VERSION, load_result, write_json_atomic
@@ -319,12 +320,13 @@ def test_guard_sigterm_writes_interrupted_and_restores_the_handler(results_dir):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+@pytest.mark.compat
 def test_guard_out_of_memory_writes_oom_with_advice(results_dir):
     run = make_run(results_dir)
     meter = measured_meter()
     with pytest.raises(SystemExit) as exit_info:
         with run.guard(meter):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     assert exit_info.value.code not in (0, None)
     record = only_result(results_dir)
     assert record["status"] == "oom"

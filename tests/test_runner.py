@@ -21,6 +21,7 @@ def lab_run(*args: str, cwd: Path, env: dict | None = None, timeout: float = 240
                           timeout=timeout)
 
 
+@pytest.mark.compat
 def test_the_whole_lab_with_no_options_on_this_cpu(tmp_path):
     proc = lab_run(cwd=tmp_path)  # its 240 s timeout is the bound (the budget is 3 min)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

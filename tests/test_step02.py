@@ -12,8 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import run_script
+from labs import envinfo
 from labs.results import load_result
 
 SCRIPT = "02_baseline_single_gpu.py"
@@ -159,6 +161,7 @@ def test_smoke_run_records_config_environment_and_command(runs, case):
     assert "--preset smoke" in record["command"]
     assert command[-len(argv):] == argv  # the command reproduces the run
     assert record["started_at"] <= record["finished_at"]
+    assert cfg["threads_per_process"] == 1  # OMP_NUM_THREADS=1 in the tests' environment
 
 
 @pytest.mark.parametrize("case", ["smoke"])
@@ -213,3 +216,26 @@ def test_bad_usage_exits_2_with_one_line_and_writes_nothing(runs, case, expected
     assert expected in lines[0]
     assert files_in(results_dir) == []  # no result, no temporary file
 
+
+
+def test_the_device_named_by_device_becomes_the_current_device(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert envinfo.select_device("cuda:3") == torch.device("cuda", 3)
+    assert chosen == [torch.device("cuda", 3)]  # AMP's checks and pinning use GPU 3 now
+    assert envinfo.select_device("cpu") == torch.device("cpu")
+    assert chosen == [torch.device("cuda", 3)]  # the CPU sets nothing
+
+
+@pytest.mark.compat
+def test_a_cpu_run_with_nvml_installed_notes_that_nvml_saw_no_gpu(tmp_path):
+    pytest.importorskip("pynvml")  # nvidia-ml-py, in the dev extra
+    proc = run_script(SCRIPT, "--preset", "smoke", "--device", "cpu", "--results-dir",
+                      tmp_path, timeout=TIMEOUT_S * 2)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (path,) = tmp_path.glob("*.json")
+    loaded = load_result(path)
+    assert loaded.ok and loaded.record["status"] == "ok", loaded.reason
+    assert any("NVML saw no GPU" in note for note in loaded.record["notes"])

@@ -14,8 +14,10 @@ import torch
 from torch import nn
 
 from conftest import read_single_result, result_files, run_script
+from labs import envinfo
+from labs.dp import AutocastForward, check_compile
+from labs.errors import UsageError
 from labs.results import load_result
-from labs.train import AutocastForward
 
 SCRIPT = "03_dataparallel_training.py"
 
@@ -47,6 +49,26 @@ def test_autocast_forward_keeps_the_requested_dtype_inside_a_replica_thread():
     assert _output_dtype_in_thread(plain, torch.bfloat16) == torch.float32
 
 
+def test_compile_is_refused_where_dataparallel_would_run_uncompiled_replicas():
+    with pytest.raises(UsageError, match="replicas run uncompiled"):
+        check_compile(True, [0, 1])
+    check_compile(True, [0])  # one GPU: DataParallel calls the compiled module itself
+    check_compile(True, [])   # the CPU: the same
+    check_compile(False, [0, 1, 2, 3])
+
+
+def test_the_first_listed_gpu_becomes_the_current_device(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert envinfo.select_gpus([2, 3]) == [2, 3]
+    assert chosen == [torch.device("cuda", 2)]  # not GPU 0: no stray context there
+    assert envinfo.select_gpus(None) == [0, 1, 2, 3]
+    assert chosen[-1] == torch.device("cuda", 0)
+
+
+@pytest.mark.compat
 def test_03_on_cpu_runs_and_records_the_degenerate_case(results_dir):
     proc = run_script(SCRIPT, "--preset", "smoke", "--results-dir", results_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]

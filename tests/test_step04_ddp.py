@@ -63,6 +63,7 @@ def test_torchrun_two_ranks_writes_one_result_with_both_ranks(results_dir, launc
     assert proc.stdout.count("== 04_ddp") == 1
 
 
+@pytest.mark.compat
 def test_self_launch_with_nproc(results_dir):
     proc = run_script(SCRIPT, *SMOKE, "--nproc", "2", "--results-dir", results_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -99,6 +100,7 @@ def test_two_nodes_on_localhost(results_dir):
     assert record["world"]["local_world_size"] == 1
 
 
+@pytest.mark.compat
 def test_a_rank_killed_mid_run_restarts_from_the_checkpoint(results_dir, tmp_path):
     checkpoints = tmp_path / "ckpt"
     env = lab_env(LAB_FAULT="kind=exit,rank=1,step=7")  # rank 1 vanishes in epoch 2

@@ -101,6 +101,15 @@ def test_resolve_amp():
     assert train.resolve_amp("off", CPU) == "off"
 
 
+@pytest.mark.parametrize("capability, expected", [((7, 0), "fp16"), ((7, 5), "fp16"),
+                                                  ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_amp_auto_chooses_bf16_only_where_it_is_native(monkeypatch, capability, expected):
+    # is_bf16_supported() would say yes on a V100 or T4 too (emulated bf16, slow)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert train.resolve_amp("auto", torch.device("cuda", 0)) == expected
+
+
 # --- channels_last ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("channels_last", [True, False])
@@ -224,3 +233,42 @@ def test_check_schedule_refuses_a_run_that_measures_nothing():
 def test_default_lr_scales_with_the_global_batch():
     assert train.default_lr(256) == pytest.approx(0.1)
     assert train.default_lr(512) == pytest.approx(2 * train.default_lr(256))
+
+
+# --- on a GPU (skipped in CI) ------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_the_steady_state_step_never_synchronises_with_the_gpu(amp):
+    """With torch.cuda.set_sync_debug_mode("error") any synchronising call raises. After a
+    warmup epoch (cuDNN autotuning and allocator growth may synchronise), steps of the
+    real loop on the synthetic pool must not: the host runs ahead of the GPU, and the only
+    wait is the one at the end of the epoch. (fp16: fused SGD takes GradScaler's
+    inf-check on the device, so it needs no sync either.)"""
+    from types import SimpleNamespace
+
+    from torch.utils.data import RandomSampler
+
+    from labs import data, models
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    dataset = data.SyntheticImages(256, 32, CLASSES, device, seed=0)
+    sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(0))
+    loader = data.build_loader(dataset, SimpleNamespace(seed=0), sampler, device, 16, 0)
+    model = train.prepare_model(models.build_model("resnet18", CLASSES), device, True)
+    meter = Meter(device, warmup_steps=3, samples_per_step=16)
+    trainer = train.Trainer(model, train.build_optimizer(model, 0.1, device), device,
+                            amp=amp, channels_last=True, grad_accum_steps=1, meter=meter,
+                            steps_per_epoch=3, epochs=2, show_progress=False)
+    trainer.train_one_epoch(loader, 0)  # warmup
+    meter.start_epoch()
+    batches, loss_sum = iter(loader), torch.zeros((), device=device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(4):
+            trainer._step(batches, loss_sum)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    meter.end_epoch(loss_sum / 4)
+    assert len(meter.step_times) == 4 and all(t > 0 for t in meter.step_times)

@@ -1,0 +1,10 @@
+"""What differs between the PyTorch releases the lab supports (2.4 and newer), in one
+place, so the rest of the code is written against one API."""
+
+from __future__ import annotations
+
+import torch
+
+# torch.OutOfMemoryError arrived in 2.5; before it, CUDA's was the only one (and the same
+# class: the new name is an alias).
+OutOfMemoryError = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
