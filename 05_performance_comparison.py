@@ -62,7 +62,7 @@ def main(argv=None) -> None:
     figures = plots.make_plots(table, allreduce, why_not)
 
     # 4. Render: the same context becomes HTML (autoescaped) or Markdown.
-    context = render.build_context(folder, table, figures, allreduce,
+    context = render.build_context(folder, table, figures,
                                    generated_by=results.command_line())
     to_save = [f for f in figures if args.generate_plots and f.png is not None]
     if args.format == "html":

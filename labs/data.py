@@ -96,7 +96,7 @@ def build_dataset(args, device: torch.device) -> Dataset:
             dataset = torchvision.datasets.CIFAR10(
                 str(args.data_dir), train=True, download=False,
                 transform=train_transforms(args.img_size))
-        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+        except RuntimeError:  # torchvision: "Dataset not found or corrupted"
             raise UsageError(f"--data-dir {args.data_dir}: no CIFAR-10 found (expected the "
                              f"python version, cifar-10-batches-py/, inside; nothing is "
                              f"downloaded)") from None

@@ -11,8 +11,9 @@ it cannot measure, says why in ``notes`` instead of guessing a number:
   across the GPUs, gloo between two CPU processes otherwise), with every reduced value
   checked, and from it the predicted time to all-reduce ResNet-50's gradients.
 
-The arithmetic (``algbw_gb_s``, ``busbw``, ``predict_allreduce_s``, ``recommend_batch_size``)
-is kept in pure functions so tests can check it without hardware. GB/s is 1e9 bytes/s.
+The arithmetic is kept in pure functions so tests can check it without hardware: the
+bandwidth formulas in ``labs.bandwidth`` (shared with the report, which never imports
+torch), ``recommend_batch_size`` here. GB/s is 1e9 bytes/s.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from labs.bandwidth import algbw_gb_s, busbw, predict_allreduce_s
+from labs.compat import OutOfMemoryError
 
 # The default model's gradients: ResNet-50 (1000 classes) has 25,557,032 parameters,
 # all-reduced in fp32 by DDP whatever the autocast precision.
@@ -61,48 +65,6 @@ ALLREDUCE_TIMEOUT_S = 60
 def matmul_tflops(n: int, time_s: float) -> float | None:
     """An n x n by n x n matrix product costs 2 n^3 floating-point operations."""
     return 2 * n**3 / time_s / 1e12 if time_s > 0 else None
-
-
-def algbw_gb_s(size_bytes: int, time_s: float) -> float | None:
-    """nccl-tests' algorithm bandwidth: message size / time, in GB/s."""
-    return size_bytes / time_s / 1e9 if time_s > 0 else None
-
-
-def busbw(algbw: float | None, world_size: int) -> float | None:
-    """nccl-tests' bus bandwidth for all-reduce: algbw x 2(n-1)/n. A ring all-reduce moves
-    2(n-1)/n of the message over each rank's link, so busbw compares with link speed."""
-    if algbw is None:
-        return None
-    return algbw * 2 * (world_size - 1) / world_size
-
-
-def interpolate_busbw(results: list[dict], size_bytes: int) -> float | None:
-    """Bus bandwidth at `size_bytes` from a sweep: log-linear between the two measured sizes
-    around it; beyond the largest, the largest message's (bus bandwidth levels off for
-    large messages, so this errs on the slow side); below the smallest, the smallest's."""
-    points = sorted((r["size_bytes"], r["busbw_gb_s"]) for r in results
-                    if r.get("busbw_gb_s") is not None and r["busbw_gb_s"] > 0)
-    if not points:
-        return None
-    if size_bytes >= points[-1][0]:
-        return points[-1][1]
-    if size_bytes <= points[0][0]:
-        return points[0][1]
-    for (s0, b0), (s1, b1) in zip(points, points[1:]):
-        if s0 <= size_bytes <= s1:
-            w = math.log(size_bytes / s0) / math.log(s1 / s0)
-            return b0 + w * (b1 - b0)
-    return None  # not reached
-
-
-def predict_allreduce_s(size_bytes: int, world_size: int, results: list[dict]) -> float | None:
-    """Time to all-reduce `size_bytes` over `world_size` ranks: bytes x 2(n-1)/n / busbw."""
-    if world_size < 2:
-        return 0.0  # nothing to exchange
-    bw = interpolate_busbw(results, size_bytes)
-    if bw is None:
-        return None
-    return size_bytes * 2 * (world_size - 1) / world_size / (bw * 1e9)
 
 
 def allreduce_expected(world_size: int) -> float:
@@ -218,7 +180,7 @@ def matmul_gpu(index: int, dtype: str, notes: list[str], n: int = GPU_MATMUL_SIZ
             b = torch.randn(n, n, device=device, dtype=torch_dtype)
             c = torch.empty(n, n, device=device, dtype=torch_dtype)
             t = _cuda_median_s(device, lambda: torch.mm(a, b, out=c), warmup, iters)
-    except torch.OutOfMemoryError:
+    except OutOfMemoryError:
         notes.append(f"cuda:{index}: {dtype} matmul probe at n={n} ran out of memory.")
         return None
     finally:

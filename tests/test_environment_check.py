@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import lab_env, run_script
-from labs import probes, results
+from labs import bandwidth, probes, results
 
 SCRIPT = "01_environment_check.py"
 TOP_KEYS = ["schema_version", "kind", "written_at", "command", "environment", "gpus",
@@ -111,12 +111,12 @@ def test_gloo_allreduce_sweep_is_checked_and_consistent(full_run):
 # --- arithmetic ---------------------------------------------------------------------------
 
 def test_bandwidth_formulas_follow_nccl_tests():
-    assert probes.algbw_gb_s(2 * 10**9, 0.5) == pytest.approx(4.0)
-    assert probes.busbw(4.0, 2) == pytest.approx(4.0)    # 2(n-1)/n = 1
-    assert probes.busbw(4.0, 4) == pytest.approx(6.0)    # 1.5
-    assert probes.busbw(4.0, 8) == pytest.approx(7.0)    # 1.75
-    assert probes.busbw(None, 8) is None
-    assert probes.algbw_gb_s(100, 0.0) is None           # never an infinity in the file
+    assert bandwidth.algbw_gb_s(2 * 10**9, 0.5) == pytest.approx(4.0)
+    assert bandwidth.busbw(4.0, 2) == pytest.approx(4.0)    # 2(n-1)/n = 1
+    assert bandwidth.busbw(4.0, 4) == pytest.approx(6.0)    # 1.5
+    assert bandwidth.busbw(4.0, 8) == pytest.approx(7.0)    # 1.75
+    assert bandwidth.busbw(None, 8) is None
+    assert bandwidth.algbw_gb_s(100, 0.0) is None           # never an infinity in the file
     assert probes.matmul_tflops(8192, 1.0) == pytest.approx(2 * 8192**3 / 1e12)
 
 
@@ -127,17 +127,17 @@ def _sweep(*points):
 def test_predicted_allreduce_time_arithmetic():
     rows = _sweep((2**20, 10.0), (2**22, 20.0), (2**24, 40.0))
     # beyond the largest message: the largest message's busbw
-    assert probes.predict_allreduce_s(100 * 10**6, 8, rows) == pytest.approx(
+    assert bandwidth.predict_allreduce_s(100 * 10**6, 8, rows) == pytest.approx(
         100e6 * 2 * 7 / 8 / 40e9)
     # between two sizes: log-linear interpolation (2^23 is halfway between 2^22 and 2^24)
-    assert probes.interpolate_busbw(rows, 2**23) == pytest.approx(30.0)
-    assert probes.predict_allreduce_s(2**23, 2, rows) == pytest.approx(2**23 / 30e9)
+    assert bandwidth.interpolate_busbw(rows, 2**23) == pytest.approx(30.0)
+    assert bandwidth.predict_allreduce_s(2**23, 2, rows) == pytest.approx(2**23 / 30e9)
     # the ResNet-50 example of PERFORMANCE.md: 102 MB over 8 GPUs at 370 GB/s is ~0.4 ms
     nvlink = _sweep((2**28, 370.0))
-    assert probes.predict_allreduce_s(probes.GRADIENT_BYTES, 8, nvlink) == pytest.approx(
+    assert bandwidth.predict_allreduce_s(probes.GRADIENT_BYTES, 8, nvlink) == pytest.approx(
         0.000483, rel=0.01)
-    assert probes.predict_allreduce_s(probes.GRADIENT_BYTES, 1, rows) == 0.0
-    assert probes.predict_allreduce_s(probes.GRADIENT_BYTES, 2, []) is None
+    assert bandwidth.predict_allreduce_s(probes.GRADIENT_BYTES, 1, rows) == 0.0
+    assert bandwidth.predict_allreduce_s(probes.GRADIENT_BYTES, 2, []) is None
 
 
 def test_batch_size_recommendation_scales_memory_with_headroom():

@@ -11,7 +11,11 @@ efficiency:
 N is the number of devices doing the work: the GPUs DataParallel splits each batch over,
 or the DDP world size. The baseline is the median throughput of the ``02_baseline`` runs
 with the same model, image size, per-device batch, precision, memory layout, compile
-setting, data source and device name (the host may differ).
+setting, data source, device name (the host may differ) and, on CPUs, threads per process.
+
+``validity_flags`` then says, per configuration, why its figure cannot be trusted (noise,
+a superlinear result, a wrapper faster than its baseline); the report headlines only rows
+without flags.
 """
 
 from __future__ import annotations
@@ -20,22 +24,34 @@ import json
 import math
 import statistics
 
+import numpy as np
 import pandas as pd
+
+from labs.report import fmt
 
 METHOD = {"single": "Single", "dp": "DataParallel", "ddp": "DDP"}
 STRATEGY_ORDER = {"single": 0, "dp": 1, "ddp": 2}
 WORLD_SIZE_1 = "world size 1: scaling not measurable"
 
 # What must agree between a run and its baseline (besides the device name).
+# cpu_threads: threads per process, where the devices are CPUs (on GPUs the CPU threads
+# only launch kernels, and torchrun gives each rank 1 while a plain 02 takes them all).
 BASELINE_FIELDS = ("model", "img_size", "per_device_batch_size", "amp", "channels_last",
-                   "compile", "data")
+                   "compile", "data", "cpu_threads")
 # What makes two runs "the same configuration" (repeats are aggregated).
 CONFIG_FIELDS = ("lab", "strategy", "n_devices", "world_size", "nnodes", "hardware",
                  *BASELINE_FIELDS, "global_batch_size", "grad_accum_steps", "backend",
                  "bucket_cap_mb", "comm_hook", "static_graph", "sync_bn")
 FIELD_NAMES = {"model": "model", "img_size": "image size", "per_device_batch_size":
                "per-device batch", "amp": "amp", "channels_last": "channels_last",
-               "compile": "torch.compile", "data": "data source", "hardware": "device"}
+               "compile": "torch.compile", "data": "data source", "hardware": "device",
+               "cpu_threads": "threads per process"}
+
+# Validity: a figure outside these limits is flagged and never headlined.
+SUPERLINEAR_LIMIT = 1.05      # scaling efficiency above this: noise or a wrong baseline
+WRAPPER_FASTER_LIMIT = 1.10   # a world-size-1 wrapper can only add work to its baseline
+SPREAD_LIMIT = 0.25           # p10-p90 (or repeat range) as a share of the median
+RERUN = "rerun on a quiet machine, or `python -m labs run --repeat 3`"
 
 
 # --- safe access: a valid run file still has free-form fields ----------------------------
@@ -121,6 +137,57 @@ def epoch_time(values: list[float]) -> float | None:
     return median(values)
 
 
+def device_capacities(record: dict, per_device: list[dict]) -> list[float | None]:
+    """Total memory of each ``metrics.per_device`` entry: its own ``total_memory_bytes``
+    (newer files), else the run's ``environment.gpus`` entry with the same index and name
+    on the same host, else None."""
+    env = record.get("environment") if isinstance(record.get("environment"), dict) else {}
+    gpus = {g["index"]: g for g in dicts(env.get("gpus")) if isinstance(g.get("index"), int)}
+    capacities = []
+    for device in per_device:
+        total = num(device.get("total_memory_bytes"))
+        index = device.get("index")
+        gpu = gpus.get(index) if isinstance(index, int) else None
+        if total is None and gpu and gpu.get("name") == device.get("name") and \
+                device.get("host") in (None, env.get("host")):
+            total = num(gpu.get("total_memory_bytes"))
+        capacities.append(total)
+    return capacities
+
+
+def spread_share(median_value, p10, p90) -> float | None:
+    """The p10-p90 width as a share of the median."""
+    if median_value is None or p10 is None or p90 is None or not median_value > 0:
+        return None
+    return (p90 - p10) / median_value
+
+
+def rank_details(metrics: dict) -> list[dict]:
+    out = []
+    for r in dicts(metrics.get("per_rank")):
+        step = spread_of(r.get("step_time_s"))
+        out.append({"rank": num(r.get("rank")), "host": r.get("host"),
+                    "median": step[0], "p10": step[1], "p90": step[2],
+                    "compute_median": num(dig(r, "compute_only_step_time_s", "median")),
+                    "data_wait_s": num(r.get("data_wait_s"))})
+    return out
+
+
+def device_details(metrics: dict) -> list[dict]:
+    return [{"index": d.get("index") if isinstance(d.get("index"), int) else i,
+             "rank": d.get("rank") if isinstance(d.get("rank"), int) else None,
+             "step_time_s": num(d.get("step_time_s")),
+             "utilization_pct": num(d.get("utilization_pct")),
+             "power_w": num(d.get("power_w"))}
+            for i, d in enumerate(dicts(metrics.get("per_device")))]
+
+
+def training_peak(device: dict) -> float | None:
+    """A device's peak allocated memory less the synthetic data pool resident on it."""
+    peak = num(device.get("peak_allocated_bytes"))
+    return None if peak is None else peak - (num(device.get("data_pool_bytes")) or 0)
+
+
 def run_row(record: dict, file: str) -> dict:
     cfg = record.get("config") if isinstance(record.get("config"), dict) else {}
     metrics = record.get("metrics") if isinstance(record.get("metrics"), dict) else {}
@@ -128,8 +195,9 @@ def run_row(record: dict, file: str) -> dict:
     hardware, cpu = hardware_of(record)
     tp = spread_of(metrics.get("throughput_img_s"))
     st = spread_of(metrics.get("step_time_s"))
+    compute = spread_of(metrics.get("compute_only_step_time_s"))
     per_device = dicts(metrics.get("per_device"))
-    memory = [num(d.get("peak_allocated_bytes")) for d in per_device]
+    memory = [training_peak(d) for d in per_device]
     measured = [m for m in memory if m is not None]
     strategy = cfg.get("strategy")
     n = device_count(record)
@@ -147,7 +215,9 @@ def run_row(record: dict, file: str) -> dict:
         "hardware": hardware,
         "cpu": cpu,
         "hosts": ", ".join(hosts),
-        **{f: scalar(cfg.get(f)) for f in BASELINE_FIELDS},
+        **{f: scalar(cfg.get(f)) for f in BASELINE_FIELDS if f != "cpu_threads"},
+        "threads_per_process": scalar(cfg.get("threads_per_process")),
+        "cpu_threads": scalar(cfg.get("threads_per_process")) if cpu else None,
         "global_batch_size": scalar(cfg.get("global_batch_size")),
         "grad_accum_steps": scalar(cfg.get("grad_accum_steps")),
         "backend": scalar(cfg.get("backend") or world.get("backend")),
@@ -158,10 +228,20 @@ def run_row(record: dict, file: str) -> dict:
         "epoch_time_s": epoch_time(numbers(metrics.get("epoch_time_s"))),
         "tp_median": tp[0], "tp_p10": tp[1], "tp_p90": tp[2],
         "step_median": st[0], "step_p10": st[1], "step_p90": st[2],
+        "tp_spread": spread_share(*tp),
+        "compute_median": compute[0], "compute_p10": compute[1], "compute_p90": compute[2],
+        "exposed_comm_s": num(dig(metrics, "exposed_comm_s", "median")),
+        "gradient_bytes": num(cfg.get("gradient_bytes")),
+        "host_rss": num(metrics.get("host_peak_rss_bytes")),
+        "cpu_count": num(dig(record, "environment", "cpu_count")),
+        "slowest_rank": num(metrics.get("slowest_rank")),
+        "rank_detail": rank_details(metrics),
+        "device_detail": device_details(metrics),
         "data_wait_fraction": num(metrics.get("data_wait_fraction")),
         "mem_max": max(measured) if measured else None,
         "mem_min": min(measured) if measured else None,
         "mem_by_device": memory,
+        "mem_capacity": device_capacities(record, per_device),
         "per_rank": [(num(dig(r, "rank")), *spread_of(r.get("step_time_s")))
                      for r in dicts(metrics.get("per_rank"))],
         "loss_per_epoch": numbers(metrics.get("loss_per_epoch")),
@@ -202,8 +282,20 @@ def scaling(throughput: float, baseline: float, n: int) -> tuple[float, float]:
 
 
 def _describe(value) -> str:
-    if isinstance(value, bool):
+    if isinstance(value, (bool, np.bool_)):
         return "on" if value else "off"
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "not recorded"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def same_setting_key(value) -> str:
+    """A value as compared between runs: a setting missing from a file (None or NaN,
+    depending on the column's dtype) equals a setting missing from another."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "not recorded"
     return str(value)
 
 
@@ -216,7 +308,7 @@ def baseline_for(row: pd.Series, runs: pd.DataFrame) -> tuple[pd.DataFrame, str 
     fields = ["hardware", *BASELINE_FIELDS]
     same = single
     for f in fields:
-        same = same[same[f].astype(str) == str(row[f])]
+        same = same[same[f].map(same_setting_key) == same_setting_key(row[f])]
     if not same.empty:
         return same, None
     if single.empty:
@@ -228,14 +320,18 @@ def baseline_for(row: pd.Series, runs: pd.DataFrame) -> tuple[pd.DataFrame, str 
         return same, (f"no matching baseline: no 02 run on {row['hardware']} "
                       f"(02 runs exist on {elsewhere})")
     # Explain with the closest 02 run on this device: which settings differ.
-    diffs = same_device.apply(lambda b: [f for f in fields if str(b[f]) != str(row[f])],
-                              axis=1)
+    diffs = same_device.apply(lambda b: [f for f in fields if same_setting_key(b[f])
+                                         != same_setting_key(row[f])], axis=1)
     closest = min(range(len(same_device)), key=lambda i: len(diffs.iloc[i]))
     b = same_device.iloc[closest]
     what = ", ".join(f"{FIELD_NAMES[f]} {_describe(b[f])} vs {_describe(row[f])}"
                      for f in diffs.iloc[closest])
-    return same, (f"no matching baseline: the closest 02 run on this device "
-                  f"({b['run_name']}) differs in {what}")
+    reason = (f"no matching baseline: the closest 02 run on this device "
+              f"({b['run_name']}) differs in {what}")
+    if "cpu_threads" in diffs.iloc[closest]:
+        reason += (f"; run 02 with OMP_NUM_THREADS={_describe(row['threads_per_process'])}, "
+                   "the threads each rank used")
+    return same, reason
 
 
 def compare(runs: pd.DataFrame) -> pd.DataFrame:
@@ -245,7 +341,7 @@ def compare(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for config_id, group in runs.groupby("config_id", sort=False):
         first = group.iloc[0]
-        row = {f: first[f] for f in (*CONFIG_FIELDS, "method", "cpu", "family")}
+        row = {f: first[f] for f in (*CONFIG_FIELDS, "threads_per_process", "method", "cpu", "family")}
         run_medians = group["tp_median"].dropna().tolist()
         mem_lists = [m for m in group["mem_by_device"] if m]
         width = max((len(m) for m in mem_lists), default=0)
@@ -260,6 +356,19 @@ def compare(runs: pd.DataFrame) -> pd.DataFrame:
             tp_p10=median(group["tp_p10"]), tp_p90=median(group["tp_p90"]),
             tp_run_min=min(run_medians) if run_medians else None,
             tp_run_max=max(run_medians) if run_medians else None,
+            tp_run_range=run_range(run_medians),
+            tp_spread=spread_share(median(run_medians), median(group["tp_p10"]),
+                                   median(group["tp_p90"])),
+            compute_median=median(group["compute_median"]),
+            compute_p10=median(group["compute_p10"]),
+            compute_p90=median(group["compute_p90"]),
+            exposed_comm_s=median(group["exposed_comm_s"]),
+            gradient_bytes=median(group["gradient_bytes"]),
+            host_rss=median(group["host_rss"]),
+            cpu_count=median(group["cpu_count"]),
+            slowest_rank=group.iloc[-1]["slowest_rank"],
+            rank_detail=group.iloc[-1]["rank_detail"],
+            device_detail=group.iloc[-1]["device_detail"],
             step_median=median(group["step_median"]),
             step_p10=median(group["step_p10"]), step_p90=median(group["step_p90"]),
             data_wait_fraction=median(group["data_wait_fraction"]),
@@ -267,6 +376,7 @@ def compare(runs: pd.DataFrame) -> pd.DataFrame:
             mem_by_device=[median(m[i] if i < len(m) else None for m in mem_lists)
                            for i in range(width)],
             per_rank=group.iloc[-1]["per_rank"],
+            mem_capacity=group.iloc[-1]["mem_capacity"],  # same devices in every repeat
             loss_per_epoch=[median(l[i] if i < len(l) else None
                                    for l in group["loss_per_epoch"])
                             for i in range(max(map(len, group["loss_per_epoch"]), default=0))],
@@ -274,6 +384,7 @@ def compare(runs: pd.DataFrame) -> pd.DataFrame:
             commands=list(group["command"]),
         )
         row.update(_efficiency(row, first, runs))
+        row["flags"] = validity_flags(row)
         rows.append(row)
     table = pd.DataFrame(rows)
     table["order"] = table["strategy"].map(STRATEGY_ORDER).fillna(9)
@@ -292,13 +403,16 @@ def _sort_key(column: pd.Series) -> pd.Series:
 
 def _efficiency(row: dict, first: pd.Series, runs: pd.DataFrame) -> dict:
     out = {"baseline_tp": None, "baseline_runs": 0, "speedup": None, "efficiency": None,
-           "efficiency_note": None}
+           "efficiency_note": None, "baseline_spread": None, "baseline_run_range": None}
     matches, reason = baseline_for(first, runs)
     if matches.empty:
         out["efficiency_note"] = reason
         return out
     baseline = median(matches["tp_median"])
-    out.update(baseline_tp=baseline, baseline_runs=len(matches))
+    out.update(baseline_tp=baseline, baseline_runs=len(matches),
+               baseline_spread=spread_share(baseline, median(matches["tp_p10"]),
+                                            median(matches["tp_p90"])),
+               baseline_run_range=run_range(matches["tp_median"].tolist()))
     if row["tp_median"] is None or not baseline:
         out["efficiency_note"] = "no throughput measured"
         return out
@@ -311,6 +425,106 @@ def _efficiency(row: dict, first: pd.Series, runs: pd.DataFrame) -> dict:
     else:
         out["efficiency"] = efficiency
     return out
+
+
+# --- validity: which figures can be trusted ---------------------------------------------
+
+def run_range(run_medians: list) -> float | None:
+    """The range of repeated runs' medians as a share of their median; None for one run."""
+    values = [v for v in run_medians if v is not None and not pd.isna(v)]
+    centre = median(values)
+    if len(values) < 2 or not centre:
+        return None
+    return (max(values) - min(values)) / centre
+
+
+def _over(value, limit: float) -> bool:
+    return value is not None and not pd.isna(value) and value > limit
+
+
+def validity_flags(row: dict) -> list[str]:
+    """Why this configuration's figure is unreliable: one reason per rule it breaks, each
+    as "kind: what was measured; the fix". Empty when it can be trusted."""
+    flags = []
+    limit = fmt.pct(SPREAD_LIMIT)
+    if _over(row.get("efficiency"), SUPERLINEAR_LIMIT):
+        flags.append(f"superlinear: {fmt.pct(row['efficiency'])} scaling efficiency is above "
+                     f"{fmt.pct(SUPERLINEAR_LIMIT)}, which adding devices cannot give: "
+                     f"noise or a mismatched baseline; {RERUN}")
+    if (row["strategy"] in ("dp", "ddp") and row["n_devices"] == 1
+            and _over(row.get("speedup"), WRAPPER_FASTER_LIMIT)):
+        flags.append(f"faster than its baseline: a world-size-1 wrapper at "
+                     f"{fmt.times(row['speedup'])} the baseline (limit "
+                     f"{fmt.times(WRAPPER_FASTER_LIMIT)}) can only be noise, since the "
+                     f"wrapper adds work; {RERUN}")
+    if _over(row.get("tp_spread"), SPREAD_LIMIT):
+        flags.append(f"noisy: the throughput p10–p90 spread is {fmt.pct(row['tp_spread'])} "
+                     f"of the median (limit {limit}); {RERUN}")
+    if _over(row.get("tp_run_range"), SPREAD_LIMIT):
+        flags.append(f"repeats disagree: the medians of the {row['n_runs']} runs span "
+                     f"{fmt.pct(row['tp_run_range'])} of their median (limit {limit}); "
+                     f"{RERUN}")
+    if row["strategy"] == "single":
+        return flags  # a baseline's own noise is flagged above; it has no other baseline
+    if _over(row.get("baseline_spread"), SPREAD_LIMIT):
+        flags.append(f"noisy baseline: the baseline's throughput p10–p90 spread is "
+                     f"{fmt.pct(row['baseline_spread'])} of its median (limit {limit}); "
+                     f"{RERUN}")
+    if _over(row.get("baseline_run_range"), SPREAD_LIMIT):
+        flags.append(f"noisy baseline: the baseline's repeated runs span "
+                     f"{fmt.pct(row['baseline_run_range'])} of their median (limit {limit}); "
+                     f"{RERUN}")
+    return flags
+
+
+def flag_kind(flag: str) -> str:
+    """The short name of a flag ("superlinear", "noisy", ...), without its numbers."""
+    return flag.split(":", 1)[0]
+
+
+def reliable(table: pd.DataFrame) -> pd.Series:
+    return table["flags"].map(len) == 0
+
+
+# --- pairs that differ in one setting -------------------------------------------------------
+
+def setting_pairs(table: pd.DataFrame, field: str) -> list[tuple[int, int]]:
+    """(reference, variant) row positions of configurations equal in everything but
+    ``field``; the reference is the setting that is off (amp "off", channels_last False)."""
+    others = [f for f in CONFIG_FIELDS if f != field]
+    keys = table[others].apply(lambda r: json.dumps([same_setting_key(v) for v in r]),
+                               axis=1)
+    pairs = []
+    for _, group in table.groupby(keys, sort=False):
+        if group[field].map(same_setting_key).nunique() < 2:
+            continue
+        off = [i for i in group.index if _describe(group.at[i, field]) == "off"]
+        reference = off[0] if off else group.index[0]
+        pairs += [(reference, i) for i in group.index
+                  if same_setting_key(group.at[i, field])
+                  != same_setting_key(group.at[reference, field])]
+    return pairs
+
+
+# --- step 01's all-reduce sweeps ------------------------------------------------------------
+
+def allreduce_sweeps(environments: list[dict], file_of) -> list[dict]:
+    """Every all-reduce sweep of the environment files that can predict a time."""
+    sweeps = []
+    for record in environments:
+        probe = dig(record, "probes", "allreduce")
+        world = num(dig(probe, "world_size"))
+        results = dicts(dig(probe, "results"))
+        if not results or world is None or world < 2:
+            continue
+        backend = str(dig(probe, "backend") or "")
+        device = str(dig(probe, "device") or ("cpu" if backend == "gloo" else "cuda"))
+        sweeps.append({"file": file_of(record), "world_size": int(world),
+                       "backend": backend, "cpu": device.startswith("cpu"),
+                       "all_correct": dig(probe, "all_correct") is not False
+                       and all(r.get("correct") is not False for r in results),
+                       "results": results})
+    return sweeps
 
 
 # --- labels -----------------------------------------------------------------------------
@@ -331,8 +545,9 @@ def unique_labels(table: pd.DataFrame) -> list[str]:
     detail = [("global_batch_size", "b{}"), ("hardware", "{}"), ("model", "{}"),
               ("amp", "amp {}"), ("img_size", "{}px"), ("channels_last", "NHWC {}"),
               ("compile", "compile {}"), ("data", "{}"), ("backend", "{}"),
-              ("bucket_cap_mb", "bucket {} MB"), ("comm_hook", "hook {}")]
-    for field, fmt in detail:
+              ("bucket_cap_mb", "bucket {} MB"), ("comm_hook", "hook {}"),
+              ("cpu_threads", "threads {}")]
+    for field, pattern in detail:
         counts = pd.Series(labels).value_counts()
         clashing = [i for i, lab in enumerate(labels) if counts[lab] > 1]
         if not clashing:
@@ -342,7 +557,7 @@ def unique_labels(table: pd.DataFrame) -> list[str]:
             for i in clashing:
                 value = table.iloc[i][field]
                 text = short_hardware(str(value)) if field == "hardware" else _describe(value)
-                labels[i] = f"{labels[i]} · {fmt.format(text)}"
+                labels[i] = f"{labels[i]} · {pattern.format(text)}"
     counts = pd.Series(labels).value_counts()
     seen: dict[str, int] = {}
     for i, lab in enumerate(labels):

@@ -46,41 +46,144 @@ def describe(env: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def _scalar_text(value) -> str | None:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return _text(value)
+# --- step 01's probes: one small table each, every point a row --------------------------
+
+DIRECTIONS = {"h2d": "host → device", "d2h": "device → host"}
 
 
-def _scalars(entry: dict, limit: int = 8) -> str:
-    parts = [f"{k}: {_scalar_text(v)}" for k, v in entry.items()
-             if _scalar_text(v) is not None]
-    return ", ".join(parts[:limit])
+def _probe(title: str, header=(), rows=(), lines=(), missing: str | None = None) -> dict:
+    """One probe as the report shows it. ``header`` is (text, numeric) pairs; a probe
+    with nothing to tabulate has ``missing``, a short sentence, instead of rows."""
+    return {"title": title, "header": list(header), "rows": list(rows),
+            "lines": list(lines), "missing": missing}
 
 
-def probe_lines(record: dict) -> list[tuple[str, str]]:
-    """One line per probe of an environment file, from its scalar fields."""
+def _unreadable(title: str, value) -> dict:
+    if value is None:
+        return _probe(title, missing="not measured")
+    return _probe(title, missing=f"not readable in this file (a {type(value).__name__})")
+
+
+def _time_column(values) -> tuple[str, float]:
+    """The unit of a column of durations in seconds, and the factor that converts to it."""
+    unit = fmt.unit_for(values)
+    return unit, 1e3 if unit == "ms" else 1.0
+
+
+def _no_rows(title: str, probe) -> dict:
+    if isinstance(probe, list):
+        return _probe(title, missing="no result recorded")
+    return _unreadable(title, probe)
+
+
+def _cell(value) -> str:
+    return _text(value) or "n/a"
+
+
+def _scaled(value, scale: float) -> float | None:
+    number = num(value)
+    return None if number is None else number * scale
+
+
+def _direction(value) -> str:
+    text = _cell(value)
+    return DIRECTIONS.get(text, text)
+
+
+def _mark(correct) -> str:
+    return "✓" if correct is True else "✗" if correct is False else "n/a"
+
+
+def _integer(value) -> str:
+    number = num(value)
+    return "n/a" if number is None else f"{number:.0f}"
+
+
+def matmul_table(probe) -> dict:
+    title = "Matrix multiply"
+    entries = dicts(probe)
+    if not entries:
+        return _no_rows(title, probe)
+    unit, scale = _time_column([num(e.get("time_s")) for e in entries])
+    rows = [[_cell(e.get("device")), _cell(e.get("dtype")), _integer(e.get("size")),
+             fmt.figure(_scaled(e.get("time_s"), scale)), fmt.figure(num(e.get("tflops")))]
+            for e in entries]
+    return _probe(title, [("device", False), ("dtype", False), ("n", True),
+                          (f"time ({unit})", True), ("TFLOP/s", True)], rows,
+                  ["An n × n by n × n product; TFLOP/s = 2n³ / time."])
+
+
+def copy_table(probe) -> dict:
+    title = "Host ↔ device copies"
+    entries = dicts(probe)
+    if probe is None:
+        return _probe(title, missing="not measured (no GPU)")
+    if not entries:
+        return _no_rows(title, probe)
+    rows = [[_cell(e.get("device")), _direction(e.get("direction")),
+             fmt.size(num(e.get("size_bytes"))), fmt.figure(num(e.get("gb_s")))]
+            for e in entries]
+    return _probe(title, [("device", False), ("direction", False), ("size", True),
+                          ("GB/s", True)], rows, ["From pinned host memory."])
+
+
+def _allreduce_summary(probe: dict) -> str:
+    world = num(probe.get("world_size"))
+    parts = [_text(probe.get("backend")), f"{world:.0f} ranks" if world else None,
+             f"on {_text(probe.get('device'))}" if _text(probe.get("device")) else None]
+    if probe.get("all_correct") is True:
+        parts.append("every sum correct")
+    elif probe.get("all_correct") is False:
+        parts.append("WRONG SUMS: do not trust DDP results on this machine")
+    return ", ".join(p for p in parts if p)
+
+
+def _prediction(probe: dict) -> str:
+    model = _text(probe.get("gradient_model")) or "the model"
+    size = num(probe.get("gradient_bytes"))
+    what = f"{model}'s gradients" + (f" ({size / 1e6:.0f} MB fp32)" if size else "")
+    predicted = num(probe.get("predicted_gradient_allreduce_s"))
+    if predicted is None:
+        why = " (some sums were wrong)" if probe.get("all_correct") is False else ""
+        return f"Predicted time to all-reduce {what}: not predicted{why}."
+    return (f"Predicted time to all-reduce {what}: {fmt.seconds(predicted)} per step, "
+            f"interpolated from the sizes below.")
+
+
+def allreduce_table(probe) -> dict:
+    title = "All-reduce"
+    if not isinstance(probe, dict):
+        return _unreadable(title, probe)
+    entries = dicts(probe.get("results"))
+    lines = [line for line in (_allreduce_summary(probe), _prediction(probe)) if line]
+    if not entries:
+        return _probe(title, lines=lines[:1], missing="no message size measured")
+    unit, scale = _time_column([num(e.get("time_s")) for e in entries])
+    rows = [[fmt.size(num(e.get("size_bytes"))), fmt.figure(_scaled(e.get("time_s"), scale)),
+             fmt.figure(num(e.get("algbw_gb_s"))), fmt.figure(num(e.get("busbw_gb_s"))),
+             _mark(e.get("correct"))]
+            for e in entries]
+    return _probe(title, [("size", True), (f"time ({unit})", True), ("algbw (GB/s)", True),
+                          ("busbw (GB/s)", True), ("correct", False)], rows, lines)
+
+
+PROBES = {"matmul": matmul_table, "copy_bandwidth": copy_table, "allreduce": allreduce_table}
+
+
+def probe_tables(record: dict) -> list[dict]:
+    """Step 01's probes of an environment file as tables; anything missing or odd reads as
+    a short sentence, never an error."""
     probes = record.get("probes")
-    lines = []
+    if probes is None:
+        return [_probe("Probes", missing="not measured (step 01 ran with --quick)")]
     if not isinstance(probes, dict):
-        return lines
-    for name, probe in probes.items():
-        if probe is None:
-            lines.append((str(name), "not measured"))
-        elif isinstance(probe, list):
-            entries = [_scalars(e) for e in dicts(probe)][:4]
-            lines.append((str(name), "; ".join(entries) or "no result"))
-        elif isinstance(probe, dict):
-            parts = [_scalars(probe)] if _scalars(probe) else []
-            results = dicts(probe.get("results"))
-            if results:
-                peak = max((num(r.get("busbw_gb_s")) or 0 for r in results), default=0)
-                parts.append(f"{len(results)} sizes measured, peak bus bandwidth "
-                             f"{peak:.3g} GB/s")
-            lines.append((str(name), "; ".join(parts) or "no details"))
-        elif _text(probe) is not None:
-            lines.append((str(name), _text(probe)))
-    return lines
+        return [_unreadable("Probes", probes)]
+    tables = [draw(probes.get(name)) for name, draw in PROBES.items()]
+    others = [str(name) for name in probes if name not in PROBES]
+    if others:
+        tables.append(_probe("Other probes", missing=f"recorded but not shown here: "
+                                                     f"{', '.join(others)}"))
+    return tables
 
 
 def texts(value) -> list[str]:

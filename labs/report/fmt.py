@@ -47,3 +47,31 @@ def size(n_bytes) -> str:
 
 def plural(n: int, word: str, many: str | None = None) -> str:
     return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
+def unit_for(values) -> str:
+    """One time unit for a whole column: "ms" when every known value is under a second."""
+    known = [v for v in values if not missing(v)]
+    return "ms" if known and max(known) < 1 else "s"
+
+
+def seconds_in(value, unit: str) -> str:
+    """``value`` (seconds) in ``unit`` ("ms" or "s"), so a column reads in one unit."""
+    if missing(value):
+        return "n/a"
+    if unit == "ms":
+        return f"{value * 1e3:,.1f} ms"
+    return f"{value:,.2f} s" if value < 100 else f"{value:,.0f} s"
+
+
+def figure(value) -> str:
+    """A measured number with about three significant digits, for a table whose header
+    names the unit."""
+    if missing(value):
+        return "n/a"
+    magnitude = abs(value)
+    if magnitude >= 100:
+        return f"{value:,.0f}"
+    if magnitude >= 1:
+        return f"{value:.{3 - len(str(int(magnitude)))}f}"
+    return f"{value:#.3g}"

@@ -16,6 +16,8 @@ import matplotlib
 matplotlib.use("Agg")  # before anything imports pyplot: no display, no GUI toolkit
 
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 import pandas as pd  # noqa: E402
@@ -23,6 +25,8 @@ import pandas as pd  # noqa: E402
 from labs.report import fmt  # noqa: E402
 
 COLORS = {"single": "#6b7280", "dp": "#d97706", "ddp": "#2563eb"}
+METHOD_NAMES = {"single": "single device", "dp": "DataParallel", "ddp": "DDP"}
+UNRELIABLE = "#d1d5db"  # the fill of anything flagged unreliable
 DPI = 100
 WIDTH = 8.0
 
@@ -66,24 +70,144 @@ def _colors(table: pd.DataFrame) -> list[str]:
     return [COLORS.get(s, "#888888") for s in table["strategy"]]
 
 
+def unreliable(rows: pd.DataFrame) -> list[bool]:
+    """Rows the analysis flagged: a non-empty ``flags`` list. No column means no flags."""
+    if "flags" not in rows.columns:
+        return [False] * len(rows)
+    return [isinstance(f, (list, tuple)) and len(f) > 0 for f in rows["flags"]]
+
+
+def _paint(bars, strategies, flagged: list[bool]) -> None:
+    """Method colour for trusted bars; grey with hatching in the method's colour for
+    flagged ones, so an unreliable bar never reads as an ordinary one."""
+    for bar, strategy, bad in zip(bars, strategies, flagged):
+        color = COLORS.get(strategy, "#888888")
+        if bad:
+            bar.set(facecolor=UNRELIABLE, edgecolor=color, hatch="///", linewidth=0.8)
+        else:
+            bar.set(facecolor=color)
+
+
+def _method_handles(strategies: pd.Series, flagged: bool) -> list:
+    handles = [Patch(facecolor=COLORS[s], label=METHOD_NAMES[s])
+               for s in METHOD_NAMES if s in set(strategies)]
+    if flagged:
+        handles.append(Patch(facecolor=UNRELIABLE, edgecolor="#4b5563", hatch="///",
+                             label="flagged unreliable"))
+    return handles
+
+
+def _legend(fig: Figure, handles: list, columns: int = 4) -> None:
+    """Below the axes, so it never hides data."""
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center",
+                   ncol=min(len(handles), columns), fontsize=8, frameon=False)
+
+
+def _spread(median, p10, p90, scale: float) -> tuple[float, float, float]:
+    """(median, low, high) in the plot's unit; a missing percentile collapses onto the
+    median, a percentile on the wrong side is clipped to it."""
+    med = median * scale
+    low = med if p10 is None or pd.isna(p10) else min(p10 * scale, med)
+    high = med if p90 is None or pd.isna(p90) else max(p90 * scale, med)
+    return med, low, high
+
+
+def efficiency_points(table: pd.DataFrame) -> pd.DataFrame:
+    """One point per DataParallel / DDP configuration with a measured efficiency: N >= 2
+    from ``efficiency``, N = 1 from the wrapper run's own speedup over the baseline.
+    ``variant`` names the settings (bucket size, comm hook, ...) that tell apart the
+    configurations of one method on one family; one line is drawn per variant."""
+    wrappers = table[table["strategy"].isin(["dp", "ddp"])].copy()
+    one = wrappers["n_devices"] == 1
+    efficiency = pd.to_numeric(wrappers["efficiency"], errors="coerce")
+    speedup = pd.to_numeric(wrappers["speedup"], errors="coerce")
+    wrappers["pct"] = 100 * efficiency.where(~one, speedup)
+    wrappers["n"] = wrappers["n_devices"].astype(int)
+    wrappers["unreliable"] = unreliable(wrappers)
+    points = wrappers[wrappers["pct"].notna()].copy()
+    points["variant"] = ""
+    for _, group in points.groupby(["family", "strategy"], sort=False):
+        points.loc[group.index, "variant"] = _variant_names(group)
+    return points.sort_values(["family", "strategy", "variant", "n"], kind="stable")
+
+
+def _family_name(row) -> str:
+    return f"{str(row['hardware']).replace('NVIDIA ', '')}, {row['model']}"
+
+
+VARIANT_FIELDS = {"grad_accum_steps": "accumulate {}", "backend": "{}",
+                  "bucket_cap_mb": "bucket {} MB", "comm_hook": "hook {}",
+                  "static_graph": "static graph {}", "sync_bn": "SyncBN {}"}
+
+
+def _setting(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _variant_names(rows: pd.DataFrame) -> list[str]:
+    """The settings that differ between ``rows`` (one method on one family), per row."""
+    fields = [f for f in VARIANT_FIELDS
+              if f in rows.columns and rows[f].map(_setting).nunique() > 1]
+    return [" · ".join(VARIANT_FIELDS[f].format(_setting(r[f])) for f in fields)
+            for _, r in rows.iterrows()]
+
+
+@dataclass
+class MemoryBar:
+    label: str
+    peak: float
+    capacity: float | None
+    strategy: str
+    first: bool  # the first device of its configuration
+
+
+def _memory_bars(table: pd.DataFrame) -> list[MemoryBar]:
+    bars = []
+    for _, r in table.iterrows():
+        unit = "rank" if r["strategy"] == "ddp" else "GPU"
+        capacities = r["mem_capacity"] if "mem_capacity" in r.index else []
+        first = True
+        for i, peak in enumerate(r["mem_by_device"]):
+            if peak is None:
+                continue
+            capacity = capacities[i] if isinstance(capacities, list) and \
+                i < len(capacities) else None
+            known = not fmt.missing(capacity) and capacity > 0
+            bars.append(MemoryBar(f"{r['label']} · {unit} {i}", peak,
+                                  capacity if known else None, r["strategy"], first))
+            first = False
+    return bars
+
+
 def plot_throughput(table: pd.DataFrame):
     rows = table[table["tp_median"].notna()]
     if rows.empty:
         raise NoData("No completed run measured a throughput.")
-    fig = _figure(len(rows))
+    fig = _figure(len(rows) + 1)  # one more row's height for the legend
     ax = fig.add_subplot()
     y = range(len(rows))
     med = rows["tp_median"].astype(float)
     low = (med - rows["tp_p10"].fillna(med).astype(float)).clip(lower=0)
     high = (rows["tp_p90"].fillna(med).astype(float) - med).clip(lower=0)
-    ax.barh(y, med, xerr=[low, high], color=_colors(rows), capsize=3,
-            error_kw={"elinewidth": 1, "ecolor": "#111827"})
+    flagged = unreliable(rows)
+    bars = ax.barh(y, med, xerr=[low, high], capsize=3,
+                   error_kw={"elinewidth": 1, "ecolor": "#111827"})
+    _paint(bars, rows["strategy"], flagged)
     for i, (value, top) in enumerate(zip(med, med + high)):
         ax.text(top, i, f"  {fmt.rate(value)}", va="center", fontsize=8)
     ax.set_yticks(list(y), rows["label"])
     ax.set_xlim(0, float((med + high).max()) * 1.18)
     _style(ax, "images per second (median, bars p10–p90)")
-    return fig, "Global throughput; the whiskers span p10 to p90 of the measured steps."
+    _legend(fig, _method_handles(rows["strategy"], any(flagged)))
+    caption = "Global throughput; the whiskers span p10 to p90 of the measured steps."
+    if any(flagged):
+        caption += " Grey hatched bars are runs flagged unreliable (see the flags)."
+    return fig, caption
 
 
 def plot_epoch_time(table: pd.DataFrame):
@@ -92,108 +216,132 @@ def plot_epoch_time(table: pd.DataFrame):
         raise NoData("No run recorded epoch times.")
     fig = _figure(len(rows))
     ax = fig.add_subplot()
-    values = rows["epoch_time_s"].astype(float)
+    seconds = rows["epoch_time_s"].astype(float)
+    unit = fmt.unit_for(seconds)  # the axis and every label in one unit
+    values = seconds * (1e3 if unit == "ms" else 1.0)
     ax.barh(range(len(rows)), values, color=_colors(rows))
-    for i, value in enumerate(values):
-        ax.text(value, i, f"  {fmt.seconds(value)}", va="center", fontsize=8)
+    for i, (value, raw) in enumerate(zip(values, seconds)):
+        ax.text(value, i, f"  {fmt.seconds_in(raw, unit)}", va="center", fontsize=8)
     ax.set_yticks(range(len(rows)), rows["label"])
     ax.set_xlim(0, float(values.max()) * 1.18)
-    _style(ax, "seconds per epoch (median, first epoch left out)")
+    _style(ax, f"{'milliseconds' if unit == 'ms' else 'seconds'} per epoch "
+               f"(median, first epoch left out)")
     return fig, ("Wall time per epoch. Epochs of different runs may hold different numbers "
                  "of steps: compare within one configuration, or use throughput.")
 
 
 def plot_memory(table: pd.DataFrame):
-    bars = []  # (label, bytes, strategy, first of group)
-    for _, r in table.iterrows():
-        values = [v for v in r["mem_by_device"] if v is not None]
-        if not values:
-            continue
-        unit = "rank" if r["strategy"] == "ddp" else "GPU"
-        for i, value in enumerate(r["mem_by_device"]):
-            if value is not None:
-                bars.append((f"{r['label']} · {unit} {i}", value, r["strategy"], i == 0))
+    bars = _memory_bars(table)
     if not bars:
         raise NoData("No run measured device memory: on the CPU PyTorch keeps no allocator "
                      "statistics, so peak memory per GPU is n/a.")
-    fig = _figure(len(bars))
+    fig = _figure(len(bars) + 1)
     ax = fig.add_subplot()
-    gib = [b[1] / 2**30 for b in bars]
-    ax.barh(range(len(bars)), gib, color=[COLORS.get(b[2], "#888") for b in bars])
-    for i, value in enumerate(gib):
-        ax.text(value, i, f"  {value:.2f}", va="center", fontsize=8)
+    gib = [b.peak / 2**30 for b in bars]
+    capacity = [b.capacity / 2**30 if b.capacity else None for b in bars]
+    ax.barh(range(len(bars)), gib, color=[COLORS.get(b.strategy, "#888") for b in bars])
+    for i, (value, total) in enumerate(zip(gib, capacity)):
+        of = f" of {total:.0f}" if total else ""
+        ax.text(value, i, f"  {value:.2f}{of} GiB", va="center", fontsize=8)
+        if total:
+            ax.vlines(total, i - 0.42, i + 0.42, color="#111827", linewidth=2.5)
     for i, bar in enumerate(bars):
-        if bar[3] and i:
+        if bar.first and i:
             ax.axhline(i - 0.5, color="#9ca3af", linewidth=0.6)
-    ax.set_yticks(range(len(bars)), [b[0] for b in bars])
-    ax.set_xlim(0, max(gib) * 1.18)
+    ax.set_yticks(range(len(bars)), [b.label for b in bars])
+    ax.set_xlim(0, max(gib + [c for c in capacity if c]) * 1.18)
     _style(ax, "peak allocated GiB per device (after warmup)")
-    return fig, ("Peak memory of every GPU. Under DataParallel GPU 0 holds the gathered "
-                 "outputs and the master copy of the model: its bar is longer.")
+    handles = _method_handles(pd.Series([b.strategy for b in bars]), False)
+    if any(capacity):
+        handles.append(Line2D([], [], color="#111827", marker="|", markersize=12,
+                              markeredgewidth=2.5, linestyle="none",
+                              label="device's total memory"))
+    _legend(fig, handles)
+    caption = ("Peak memory of every GPU. Under DataParallel GPU 0 holds the gathered "
+               "outputs and the master copy of the model: its bar is longer.")
+    if any(capacity):
+        caption += " The black tick on each bar's row marks that device's total memory."
+    return fig, caption
 
 
 def plot_efficiency(table: pd.DataFrame):
-    scaled = table[table["efficiency"].notna()]
-    if scaled.empty:
+    if table["efficiency"].notna().sum() == 0:
         raise NoData("No scaling efficiency could be computed (it needs a run on two or "
                      "more devices and a matching single-device baseline).")
-    fig = Figure(figsize=(WIDTH, 4.2), dpi=DPI, layout="constrained")
+    points = efficiency_points(table)
+    fig = Figure(figsize=(WIDTH, 4.8), dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
-    families = list(dict.fromkeys(scaled["family"]))
-    markers = "osD^v<>p*h"
-    top_n = int(scaled["n_devices"].max())
+    families = list(dict.fromkeys(points["family"]))
+    markers, styles = "osD^v<>p*h", ["-", "--", "-.", ":"]
     for f_index, family in enumerate(families):
-        fam = scaled[scaled["family"] == family]
-        hw = fam["hardware"].iloc[0].replace("NVIDIA ", "")
-        suffix = f" · {hw}, {fam['model'].iloc[0]}" if len(families) > 1 else ""
+        fam = points[points["family"] == family]
+        suffix = f" · {_family_name(fam.iloc[0])}" if len(families) > 1 else ""
         for strategy, name in (("dp", "DataParallel"), ("ddp", "DDP")):
-            rows = fam[fam["strategy"] == strategy].sort_values("n_devices")
-            if rows.empty:
-                continue
-            xs = [1, *rows["n_devices"].astype(int)]
-            ys = [100.0, *(100 * rows["efficiency"].astype(float))]
-            ax.plot(xs, ys, marker=markers[f_index % len(markers)], color=COLORS[strategy],
-                    label=name + suffix, linestyle="-" if f_index == 0 else "--")
-            for x, y_ in zip(xs[1:], ys[1:]):
-                ax.annotate(f"{y_:.0f}%", (x, y_), textcoords="offset points",
-                            xytext=(0, 7), ha="center", fontsize=8)
-    ax.axhline(100, color="#111827", linestyle=":", linewidth=1, label="ideal (100%)")
-    ax.set_xticks(range(1, top_n + 1))
+            rows = fam[(fam["strategy"] == strategy) & ~fam["unreliable"]]
+            # A family keeps its line style; each setting of a method its own marker.
+            for v_index, (variant, line) in enumerate(rows.groupby("variant", sort=False)):
+                ax.plot(line["n"], line["pct"], marker=markers[v_index % len(markers)],
+                        color=COLORS[strategy], linestyle=styles[f_index % len(styles)],
+                        label=name + (f" · {variant}" if variant else "") + suffix)
+    flagged = points[points["unreliable"]]
+    if not flagged.empty:
+        ax.scatter(flagged["n"], flagged["pct"], marker="X", s=70, color=UNRELIABLE,
+                   edgecolors="#4b5563", zorder=4, label="flagged unreliable (not joined)")
+    for _, p in points.iterrows():
+        ax.annotate(f"{p['pct']:.0f}%", (p["n"], p["pct"]), textcoords="offset points",
+                    xytext=(6, 3), ha="left", fontsize=8,
+                    color="#9ca3af" if p["unreliable"] else "#111827")
+    ax.scatter([1], [100], marker="*", s=160, color="#111827", zorder=5,
+               label="single-device baseline (100% by definition)")
+    ax.axhline(100, color="#111827", linestyle=":", linewidth=1, label="ideal scaling (100%)")
+    top = int(points["n"].max())
+    ax.set_xticks(sorted({1, *points["n"]}))
+    ax.set_xlim(0.5, top + 0.12 * top + 0.5)  # room for the labels right of the points
     ax.set_xlabel("devices (DataParallel: GPUs; DDP: world size)")
     ax.set_ylabel("scaling efficiency (%)")
-    ax.set_ylim(0, max(110.0, float(100 * scaled["efficiency"].max()) + 10))
+    ax.set_ylim(0, max(110.0, float(points["pct"].max()) + 12))
     ax.grid(alpha=0.3)
     ax.spines[["top", "right"]].set_visible(False)
-    ax.legend(fontsize=8, loc="lower left")
-    return fig, ("Efficiency = throughput_N / (N × baseline throughput). The dotted line is "
-                 "perfect scaling; each line starts at the baseline (N = 1, 100%).")
+    _legend(fig, ax.get_legend_handles_labels()[0], columns=2)
+    return fig, ("Efficiency = throughput_N / (N × baseline throughput). At N = 1 a point "
+                 "is a wrapper run on one device: its measured throughput over the baseline's, "
+                 "i.e. the wrapper's overhead. The star is the baseline itself; the dotted line "
+                 "is perfect scaling.")
 
 
 def plot_step_time(table: pd.DataFrame):
     rows = table[table["step_median"].notna()]
     if rows.empty:
         raise NoData("No run recorded step times.")
-    fig = _figure(len(rows))
+    unit = fmt.unit_for(pd.concat([rows["step_median"], rows["step_p90"]]))
+    scale = 1e3 if unit == "ms" else 1.0
+    fig = _figure(len(rows) + 1)
     ax = fig.add_subplot()
+    ranks_drawn = False
     for i, (_, r) in enumerate(rows.iterrows()):
-        med = r["step_median"] * 1e3
-        low = med - (r["step_p10"] if r["step_p10"] is not None else r["step_median"]) * 1e3
-        high = (r["step_p90"] if r["step_p90"] is not None else r["step_median"]) * 1e3 - med
         color = COLORS.get(r["strategy"], "#888")
-        ax.errorbar(med, i, xerr=[[max(low, 0)], [max(high, 0)]], fmt="s", color=color,
+        med, p10, p90 = _spread(r["step_median"], r["step_p10"], r["step_p90"], scale)
+        ax.errorbar(med, i, xerr=[[med - p10], [p90 - med]], fmt="s", color=color,
                     markersize=7, elinewidth=3, capsize=0)
         ranks = [p for p in r["per_rank"] if p[1] is not None]
         if len(ranks) > 1:
-            for k, (rank, m, p10, p90) in enumerate(ranks):
+            ranks_drawn = True
+            for k, (_rank, m, rp10, rp90) in enumerate(ranks):
                 offset = 0.32 * (k + 1) / (len(ranks) + 1)
-                ax.errorbar(m * 1e3, i + offset, fmt="o", color=color, markersize=3,
-                            xerr=[[max(m - (p10 or m), 0) * 1e3], [max((p90 or m) - m, 0) * 1e3]],
-                            elinewidth=0.8, alpha=0.7)
+                rm, lo, hi = _spread(m, rp10, rp90, scale)
+                ax.errorbar(rm, i + offset, xerr=[[rm - lo], [hi - rm]], fmt="o", color=color,
+                            markersize=3, elinewidth=0.8, alpha=0.7)
     ax.set_yticks(range(len(rows)), rows["label"])
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
-    _style(ax, "milliseconds per step\n■ global median, p10–p90   ● each rank's median, "
-               "p10–p90")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if unit == "ms"
+                                               else f"{v:,.2f}"))
+    _style(ax, f"{'milliseconds' if unit == 'ms' else 'seconds'} per step")
     ax.set_xlim(left=0)
+    handles = [Line2D([], [], color="#374151", marker="s", markersize=7, linewidth=3,
+                      label="global step time: median, bar p10–p90")]
+    if ranks_drawn:
+        handles.append(Line2D([], [], color="#374151", marker="o", markersize=3,
+                              linewidth=0.8, label="each rank's step time: median, bar p10–p90"))
+    _legend(fig, handles)
     return fig, ("The global step time is the slowest rank's. A rank whose dots sit to the "
                  "right of the others is a straggler that every other rank waits for.")
 
@@ -202,7 +350,8 @@ def plot_loss(table: pd.DataFrame):
     rows = table[table["loss_per_epoch"].map(len) > 0]
     if rows.empty:
         raise NoData("No run recorded a loss per epoch.")
-    fig = Figure(figsize=(WIDTH, 4.0), dpi=DPI, layout="constrained")
+    legend_rows = -(-len(rows) // 3)
+    fig = Figure(figsize=(WIDTH, 3.8 + 0.2 * legend_rows), dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
     styles = ["-", "--", ":", "-."]
     for i, (_, r) in enumerate(rows.iterrows()):
@@ -217,7 +366,7 @@ def plot_loss(table: pd.DataFrame):
     ax.set_ylabel("mean training loss")
     ax.grid(alpha=0.3)
     ax.spines[["top", "right"]].set_visible(False)
-    ax.legend(fontsize=7, ncol=2 if len(rows) > 6 else 1, loc="best")
+    _legend(fig, ax.get_legend_handles_labels()[0], columns=3)
     return fig, ("Same data and seed should give similar curves for every method: a curve "
                  "far from the others points to a different effective batch or learning rate.")
 
@@ -246,6 +395,7 @@ def plot_allreduce(series: list[dict], reason: str | None):
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt.size(v)))
     ax.set_xlabel("message size")
     ax.set_ylabel("GB/s")
+    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3, which="both")
     ax.spines[["top", "right"]].set_visible(False)
     ax.legend(fontsize=7)

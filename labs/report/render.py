@@ -14,7 +14,7 @@ import jinja2
 import pandas as pd
 
 from labs.report import environment, fmt, narrative
-from labs.report.analysis import WORLD_SIZE_1
+from labs.report.analysis import WORLD_SIZE_1, allreduce_sweeps
 from labs.report.loading import Folder, failure_reason
 from labs.report.plots import Plot
 
@@ -30,13 +30,18 @@ def _family_title(r) -> str:
         parts.append("channels_last")
     if r["compile"]:
         parts.append("compiled")
+    if not fmt.missing(r["cpu_threads"]):
+        parts.append(fmt.plural(int(r["cpu_threads"]), "thread") + " per process")
     parts += [f"{r['data']} data", str(r["hardware"])]
     return " · ".join(parts)
 
 
 def _memory(r) -> str:
     if fmt.missing(r["mem_max"]):
-        return "n/a (CPU)" if r["cpu"] else "n/a"
+        if not r["cpu"]:
+            return "n/a"
+        rss = "" if fmt.missing(r["host_rss"]) else f" · host RSS {fmt.gib(r['host_rss'])}"
+        return "n/a (CPU)" + rss
     if len(r["mem_by_device"]) > 1 and r["mem_max"] != r["mem_min"]:
         return f"max {fmt.gib(r['mem_max'])} / min {fmt.gib(r['mem_min'])}"
     return fmt.gib(r["mem_max"])
@@ -45,6 +50,9 @@ def _memory(r) -> str:
 def _efficiency(r) -> tuple[str, str, str]:
     """(cell text, detail line, CSS class)"""
     note = r["efficiency_note"]
+    if not fmt.missing(r["efficiency"]) and r["flags"]:
+        return (fmt.pct(r["efficiency"]), f"{fmt.times(r['speedup'])} vs "
+                f"{fmt.rate(r['baseline_tp'])} img/s · unreliable", "unreliable")
     if not fmt.missing(r["efficiency"]):
         level = "good" if r["efficiency"] >= 0.85 else "fair" if r["efficiency"] >= 0.6 else "poor"
         return (fmt.pct(r["efficiency"]), f"{fmt.times(r['speedup'])} vs "
@@ -58,12 +66,14 @@ def _efficiency(r) -> tuple[str, str, str]:
 
 def table_rows(table: pd.DataFrame) -> list[dict]:
     rows = []
+    epoch_unit = fmt.unit_for(table["epoch_time_s"])  # one unit for the whole column
     for _, r in table.iterrows():
         eff, eff_detail, eff_class = _efficiency(r)
         tp_detail = f"p10 {fmt.rate(r['tp_p10'])} – p90 {fmt.rate(r['tp_p90'])}"
         if r["n_runs"] > 1:
             tp_detail += (f"; {r['n_runs']} runs {fmt.rate(r['tp_run_min'])}–"
-                          f"{fmt.rate(r['tp_run_max'])}")
+                          f"{fmt.rate(r['tp_run_max'])} ({fmt.pct(r['tp_run_range'])} "
+                          "apart)")
         n = int(r["n_devices"])
         rows.append({
             "family": _family_title(r),
@@ -75,15 +85,76 @@ def table_rows(table: pd.DataFrame) -> list[dict]:
                                                           and r["backend"] else ""),
             "batch": str(r["global_batch_size"]),
             "batch_detail": f"{n} × {r['per_device_batch_size']}" if n > 1 else "",
-            "epoch": fmt.seconds(r["epoch_time_s"]),
+            "epoch": fmt.seconds_in(r["epoch_time_s"], epoch_unit),
             "memory": _memory(r),
             "throughput": f"{fmt.rate(r['tp_median'])} img/s",
             "throughput_detail": tp_detail,
             "efficiency": eff,
             "efficiency_detail": eff_detail,
             "efficiency_class": eff_class,
+            "flags": list(r["flags"]),
         })
     return rows
+
+
+# --- run details: everything else each configuration recorded --------------------------------
+
+def _per_rank(r) -> list[str]:
+    """One line per rank: its own step-time median and p10–p90."""
+    ranks = [d for d in r["rank_detail"] if not fmt.missing(d["median"])]
+    if not ranks:
+        return ["not recorded"]
+    slowest = r["slowest_rank"]
+    return [f"rank {int(d['rank']) if not fmt.missing(d['rank']) else '?'}"
+            f"{' (slowest)' if len(ranks) > 1 and d['rank'] == slowest else ''}: "
+            f"{fmt.seconds(d['median'])} ({fmt.seconds(d['p10'])} – "
+            f"{fmt.seconds(d['p90'])})" for d in ranks]
+
+
+def _communication(r) -> str:
+    if r["strategy"] != "ddp":
+        return "—"
+    if fmt.missing(r["compute_median"]) or fmt.missing(r["exposed_comm_s"]):
+        return "not measured"
+    noise = " (within noise)" if narrative.within_noise(r) else ""
+    return (f"compute-only {fmt.seconds(r['compute_median'])} "
+            f"({fmt.seconds(r['compute_p10'])} – {fmt.seconds(r['compute_p90'])}) · "
+            f"exposed {fmt.seconds(r['exposed_comm_s'])}{noise}")
+
+
+def _gpu_activity(r) -> list[str]:
+    """One line per GPU with NVML readings, or one line when every GPU read the same."""
+    if r["cpu"]:
+        return ["CPU: not applicable"]
+    parts, readings = [], []
+    for d in r["device_detail"]:
+        util, power = d["utilization_pct"], d["power_w"]
+        if fmt.missing(util) and fmt.missing(power):
+            continue
+        values = [f"{util:.0f}%" if not fmt.missing(util) else None,
+                  f"{power:.0f} W" if not fmt.missing(power) else None]
+        who = (f"rank {d['rank']}" if r["strategy"] == "ddp" and d["rank"] is not None
+               else f"GPU {d['index']}")
+        readings.append(" · ".join(v for v in values if v))
+        parts.append(f"{who}: {readings[-1]}")
+    if len(parts) > 1 and len(set(readings)) == 1:
+        return [f"{len(parts)} {'ranks' if r['strategy'] == 'ddp' else 'GPUs'}: "
+                f"{readings[0]} each"]
+    return parts or ["not recorded (no NVML)"]
+
+
+def detail_rows(table: pd.DataFrame) -> list[dict]:
+    return [{
+        "label": r["label"],
+        "strategy": r["strategy"],
+        "threads": "not recorded" if fmt.missing(r["threads_per_process"])
+        else str(int(r["threads_per_process"])),
+        "data_wait": fmt.pct(r["data_wait_fraction"], 1),
+        "per_rank": _per_rank(r),
+        "communication": _communication(r),
+        "host_rss": fmt.gib(r["host_rss"]),
+        "gpu_activity": _gpu_activity(r),
+    } for _, r in table.iterrows()]
 
 
 def _sections(rows: list[dict]) -> list[dict]:
@@ -96,7 +167,7 @@ def _sections(rows: list[dict]) -> list[dict]:
 
 
 def build_context(folder: Folder, table: pd.DataFrame, plots: list[Plot],
-                  allreduce: list[dict], generated_by: str) -> dict:
+                  generated_by: str) -> dict:
     label_of_file = {}
     for _, r in table.iterrows():
         for f in r["files"]:
@@ -112,7 +183,7 @@ def build_context(folder: Folder, table: pd.DataFrame, plots: list[Plot],
                      "notes": environment.texts(record.get("notes"))})
     runs.sort(key=lambda r: (r["started_at"], r["file"]))
     env_files = [{"file": folder.file_of(e), "rows": environment.describe(environment.block(e)),
-                  "probes": environment.probe_lines(e),
+                  "probes": environment.probe_tables(e),
                   "recommendations": environment.texts(e.get("recommendations")),
                   "notes": environment.texts(e.get("notes"))}
                  for e in folder.environments]
@@ -124,10 +195,13 @@ def build_context(folder: Folder, table: pd.DataFrame, plots: list[Plot],
         "counts": {"runs": len(folder.runs), "unfinished": len(folder.unfinished),
                    "environments": len(folder.environments), "skipped": len(folder.skipped),
                    "configs": len(table)},
+        "headline": narrative.headline(table),
         "verdict": narrative.verdict(table, len(folder.unfinished)),
         "sections": _sections(table_rows(table)) if not table.empty else [],
+        "details": detail_rows(table) if not table.empty else [],
         "plots": plots,
-        "findings": narrative.findings(table, environment.peak_busbw(allreduce)),
+        "findings": narrative.findings(
+            table, allreduce_sweeps(folder.environments, folder.file_of)),
         "env_files": env_files,
         "machines": environment.run_machines([*folder.runs, *folder.unfinished]),
         "methodology": narrative.methodology(table),
@@ -180,12 +254,32 @@ def _md_table(header: list[str], rows: list[list]) -> list[str]:
     return lines
 
 
+def _md_probe(probe: dict) -> list[str]:
+    out = [f"**{md(probe['title'])}**" + (f": {md(probe['missing'])}" if probe["missing"]
+                                           else ""), ""]
+    out += [md(line) + "  " for line in probe["lines"]]
+    if probe["rows"]:
+        out += [""] + _md_table([text for text, _ in probe["header"]], probe["rows"])
+    return out + [""]
+
+
+def _md_efficiency(row: dict) -> str:
+    text = row["efficiency"] + (f" ({row['efficiency_detail']})"
+                                if row["efficiency_detail"] else "")
+    if row["flags"]:
+        text += " — unreliable: " + "; ".join(row["flags"])
+    return text
+
+
 def markdown(context: dict, png_names: dict[str, str] | None) -> str:
     c = context
     out = [f"# {md(c['title'])}", "",
            f"Generated {md(c['generated_at'])} from `{md(c['results_dir'])}`: "
            f"{c['counts']['runs']} completed runs, {c['counts']['unfinished']} unfinished, "
-           f"{c['counts']['skipped']} files skipped.", "", "## Verdict", ""]
+           f"{c['counts']['skipped']} files skipped.", ""]
+    for sentence in c["headline"]:
+        out += [f"**Headline.** {md(sentence)}", ""]
+    out += ["## Verdict", ""]
     out += [f"- {md(s)}" for s in c["verdict"]] + [""]
     out += ["## Results", ""]
     for section in c["sections"]:
@@ -194,9 +288,18 @@ def markdown(context: dict, png_names: dict[str, str] | None) -> str:
                           "scaling efficiency"],
                          [[r["label"], r["batch"], r["epoch"], r["memory"],
                            f"{r['throughput']} ({r['throughput_detail']})",
-                           r["efficiency"] + (f" ({r['efficiency_detail']})"
-                                              if r["efficiency_detail"] else "")]
+                           _md_efficiency(r)]
                           for r in section["rows"]]) + [""]
+    if c["details"]:
+        out += ["### Run details", ""]
+        out += _md_table(["method", "threads/process", "data wait",
+                          "step time per rank: median (p10 – p90)",
+                          "compute-only step: median (p10 – p90) · exposed comm",
+                          "host peak RSS",
+                          "GPU utilisation · power"],
+                         [[d["label"], d["threads"], d["data_wait"], "; ".join(d["per_rank"]),
+                           d["communication"], d["host_rss"], "; ".join(d["gpu_activity"])]
+                          for d in c["details"]]) + [""]
     if c["unfinished"]:
         out += ["## Runs that did not finish", ""]
         out += _md_table(["run", "step", "status", "reason", "file"],
@@ -220,8 +323,9 @@ def markdown(context: dict, png_names: dict[str, str] | None) -> str:
     out += ["## Environment", ""]
     for env in c["env_files"]:
         out += [f"From `{md(env['file'])}` (step 01):", ""]
-        out += _md_table(["", ""], [list(row) for row in env["rows"]] +
-                         [[f"probe: {k}", v] for k, v in env["probes"]]) + [""]
+        out += _md_table(["", ""], [list(row) for row in env["rows"]]) + [""]
+        for probe in env["probes"]:
+            out += _md_probe(probe)
         out += [f"- {md(n)}" for n in env["recommendations"] + env["notes"]] + [""]
     if c["machines"]:
         out += ["Machines named in the run files:", ""]
@@ -263,12 +367,16 @@ CSV_COLUMNS = {
     "model": "model", "img_size": "img_size", "amp": "amp",
     "channels_last": "channels_last", "compile": "compile", "data": "data",
     "hardware": "hardware", "backend": "backend", "hosts": "hosts",
+    "threads_per_process": "threads_per_process", "gradient_bytes": "gradient_bytes",
+    "compute_median": "compute_only_step_time_s_median",
+    "exposed_comm_s": "exposed_comm_s", "host_rss": "host_peak_rss_bytes",
 }
 
 
 def csv(table: pd.DataFrame) -> str:
     if table.empty:
-        return ",".join(CSV_COLUMNS.values()) + "\n"
+        return ",".join([*CSV_COLUMNS.values(), "runs_in_folder", "flags"]) + "\n"
     frame = table[list(CSV_COLUMNS)].rename(columns=CSV_COLUMNS)
     frame["runs_in_folder"] = [";".join(names) for names in table["run_names"]]
+    frame["flags"] = ["; ".join(flags) for flags in table["flags"]]
     return frame.to_csv(index=False, lineterminator="\n")
