@@ -24,25 +24,35 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-
-from labs import envinfo, probes, results
-from labs.cli import non_negative_int, OneLineParser, run
+from labs import cli
 
 PROG = Path(__file__).name
 
 
-def parse_args() -> argparse.Namespace:
-    parser = OneLineParser(description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.OneLineParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results-dir", type=Path, default=Path("results"), metavar="DIR",
                         help="folder for environment.json (default: results)")
     parser.add_argument("--quick", action="store_true",
                         help="inventory only: skip the matmul, copy and all-reduce probes")
-    parser.add_argument("--require-gpus", type=non_negative_int, default=0, metavar="N",
+    parser.add_argument("--require-gpus", type=cli.non_negative_int, default=0, metavar="N",
                         help="exit with status 1 unless at least N CUDA GPUs are visible "
                              "(default: 0)")
-    return parser.parse_args()  # bad usage raises UsageError: one line, exit status 2
+    return parser
+
+
+if __name__ == "__main__":
+    cli.answer_help_early(build_parser)
+
+# Only now the heavy imports: torch takes seconds to load, and --help needs none of it.
+import torch  # noqa: E402
+
+from labs import contract, envinfo, files, probes, results  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    return build_parser().parse_args()  # bad usage raises UsageError: one line, status 2
 
 
 def say(text: str) -> None:
@@ -77,22 +87,22 @@ def run_probes(gpus: list[dict], notes: list[str]) -> dict:
 
 def main() -> None:
     args = parse_args()
-    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    visible = envinfo.gpu_count()
     if visible < args.require_gpus:  # the machine, not the usage: status 1
         print(f"{PROG}: {visible} CUDA GPU(s) visible but --require-gpus "
               f"{args.require_gpus} asks for at least {args.require_gpus} (torch "
               f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}; check the "
               f"driver and CUDA_VISIBLE_DEVICES)", file=sys.stderr)
         sys.exit(1)
-    results.prepare_dir(args.results_dir)  # an unwritable folder is bad usage: status 2
+    files.prepare_dir(args.results_dir)  # an unwritable folder is bad usage: status 2
 
     notes: list[str] = []
     environment = envinfo.collect()
     record = {
-        "schema_version": results.SCHEMA_VERSION,
+        "schema_version": contract.SCHEMA_VERSION,
         "kind": "environment",
         "written_at": None,
-        "command": results.command_line(),
+        "command": cli.command_line(),
         "environment": environment,
         "gpus": probes.gpu_inventory(environment["gpus"]),
         "topology": probes.nvidia_topology(notes),
@@ -106,7 +116,7 @@ def main() -> None:
         record["probes"] = run_probes(record["gpus"], notes)
     record["recommendations"] = probes.recommendations(record)
 
-    record["written_at"] = results.utc_now()
+    record["written_at"] = contract.utc_now()
     path = results.write_json_atomic(record, args.results_dir / "environment.json",
                                      overwrite=True)
     print(probes.format_summary(record, path), flush=True)
@@ -119,4 +129,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    cli.run(main)

@@ -9,13 +9,17 @@ model wrapped in nn.DataParallel, 04 is this script once per GPU under
 DistributedDataParallel. Read it first; `diff` it with 04 to see what DDP changes.
 """
 
+from labs import cli
+
+LAB = "02_baseline"
+cli.answer_help_early(lambda: cli.build_parser(LAB, __doc__))  # torch takes seconds to load
+# The imports below come after that on purpose (flake8: E402).
+
 import torch
 from torch.utils.data import RandomSampler
 
-from labs import cli, console, data, envinfo, models, results, train
+from labs import console, data, envinfo, models, results, train
 from labs.measure import Meter
-
-LAB = "02_baseline"
 
 
 def main() -> None:
@@ -49,14 +53,12 @@ def main() -> None:
                             channels_last=args.channels_last,
                             grad_accum_steps=args.grad_accum_steps, meter=meter,
                             steps_per_epoch=steps, epochs=args.epochs)
-    run = results.Run(
-        LAB, args, strategy="single",
-        config=results.config_from_args(
-            args, per_device_batch_size=args.batch_size, global_batch_size=samples_per_step,
-            steps_per_epoch=steps, amp=amp, lr=lr, num_workers=num_workers),
-        world={"world_size": 1, "nnodes": 1, "backend": None,
-               "devices": [envinfo.device_entry(device)]},
-    )
+    run = results.Run(LAB, args, strategy="single",
+                      world=results.one_process_world([device]),
+                      config=results.config_from_args(
+                          args, per_device_batch_size=args.batch_size,
+                          global_batch_size=samples_per_step,
+                          steps_per_epoch=steps, amp=amp, lr=lr, num_workers=num_workers))
 
     with run.guard(meter):  # OOM, Ctrl-C or a crash still writes a result with its status
         for epoch in range(args.epochs):

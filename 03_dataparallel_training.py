@@ -12,26 +12,26 @@ works and is recorded as world size 1. `grep -n "DP:" 03_dataparallel_training.p
 lists every line that DataParallel changes.
 """
 
+from labs import cli
+
+LAB = "03_dataparallel"
+cli.answer_help_early(lambda: cli.build_parser(LAB, __doc__))  # torch takes seconds to load
+# The imports below come after that on purpose (flake8: E402).
+
 import torch
 from torch.utils.data import RandomSampler
 
-from labs import cli, console, data, dp, envinfo, models, results, train
-from labs.errors import UsageError
+from labs import console, data, dp, envinfo, models, results, train  # DP: dp
 from labs.measure import Meter
-
-LAB = "03_dataparallel"
 
 
 def main() -> None:
     args = cli.parse_args(LAB, __doc__)  # bad input: one line, exit status 2
     gpu_ids = envinfo.select_gpus(args.gpus)  # DP: the GPUs to split each batch across
-    dp.check_compile(args.compile, gpu_ids)  # DP: its replicas would run uncompiled
-    devices = [torch.device("cuda", i) for i in gpu_ids] or [torch.device("cpu")]
+    dp.check_options(args, gpu_ids)  # DP: a global batch of >= 1 image per GPU; no --compile
+    devices = [torch.device("cuda", i) for i in gpu_ids] or [torch.device("cpu")]  # DP:
     device = devices[0]  # DP: inputs, outputs, loss and optimizer all live on the first
     results.prepare_dir(args.results_dir)  # an unwritable folder fails now, not after training
-    if args.batch_size < len(devices):
-        raise UsageError(f"--batch-size {args.batch_size} is the global batch; it must "
-                             f"be at least the number of GPUs ({len(devices)})")
     console.warn_if_slow_on_cpu(device, args.preset)
 
     torch.manual_seed(args.seed)
@@ -47,11 +47,10 @@ def main() -> None:
 
     model = models.build_model(args.model, args.num_classes)
     model = train.prepare_model(model, device, args.channels_last)
-    # DP: the replicas run in threads, where DataParallel re-enters autocast without a
-    # dtype (float16 on CUDA); fixing the dtype inside forward keeps bf16 bf16.
-    model = dp.AutocastForward(model, device.type, train.autocast_dtype(amp))
-    model = torch.nn.DataParallel(model, device_ids=gpu_ids or None,  # DP: split batches,
-                                  output_device=gpu_ids[0] if gpu_ids else None)  # gather on 0
+    model = dp.AutocastForward(model, device.type,  # DP: the replicas' threads would turn
+                               train.autocast_dtype(amp))  # DP: bf16 into fp16 without it
+    model = torch.nn.DataParallel(model, device_ids=gpu_ids or None,  # DP: scatter each batch,
+                                  output_device=gpu_ids[0] if gpu_ids else None)  # DP: gather
     if args.compile:
         model = torch.compile(model)
     samples_per_step = args.batch_size * args.grad_accum_steps
@@ -59,28 +58,20 @@ def main() -> None:
     optimizer = train.build_optimizer(model, lr, device)
 
     meter = Meter(device, args.warmup_steps, samples_per_step,
-                  data_pool_bytes=data.resident_bytes(dataset),
-                  devices=devices)  # DP: peak memory on every GPU (GPU 0 holds more)
+                  devices=devices,  # DP: peak memory on every GPU (GPU 0 holds more)
+                  data_pool_bytes=data.resident_bytes(dataset))
     trainer = train.Trainer(model, optimizer, device, amp=amp,
                             channels_last=args.channels_last,
                             grad_accum_steps=args.grad_accum_steps, meter=meter,
                             steps_per_epoch=steps, epochs=args.epochs)
-    run = results.Run(
-        LAB, args, strategy="dp",
-        config=results.config_from_args(
-            args, per_device_batch_size=args.batch_size // len(devices),
-            global_batch_size=samples_per_step, steps_per_epoch=steps, amp=amp, lr=lr,
-            num_workers=num_workers, gpus=gpu_ids),
-        world={"world_size": 1, "nnodes": 1, "backend": None,  # DP: one process, N devices
-               "devices": [envinfo.device_entry(d) for d in devices]},
-    )
-    if len(devices) == 1:  # DP: nothing to split across
-        where = "one GPU" if gpu_ids else "the CPU"
-        run.note(f"DataParallel on {where} is the plain module: world size 1, so this "
-                 f"measures DataParallel's overhead, not scaling.")
-    if args.batch_size % len(devices):
-        run.note(f"The global batch of {args.batch_size} does not split evenly across "
-                 f"{len(devices)} GPUs; the last GPU gets fewer images.")
+    run = results.Run(LAB, args, strategy="dp",  # DP:
+                      world=results.one_process_world(devices),  # DP: one process, N devices
+                      config=results.config_from_args(
+                          args, per_device_batch_size=args.batch_size // len(devices),  # DP:
+                          global_batch_size=samples_per_step,
+                          gpus=gpu_ids,  # DP: which GPUs shared each batch
+                          steps_per_epoch=steps, amp=amp, lr=lr, num_workers=num_workers))
+    run.note(*dp.notes(args.batch_size, gpu_ids))  # DP: one device, or an uneven split
 
     with run.guard(meter):  # OOM, Ctrl-C or a crash still writes a result with its status
         for epoch in range(args.epochs):

@@ -20,13 +20,12 @@ report with the reason, never fatal.
 import argparse
 from pathlib import Path
 
-from labs import cli, results
-from labs.report import analysis, environment, loading, output, plots, render
+from labs import cli, files
 
 FORMATS = ("html", "md")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = cli.OneLineParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results-dir", type=Path, default=Path("results"), metavar="DIR",
@@ -40,7 +39,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "md: Markdown (default: html)")
     parser.add_argument("--generate-plots", action="store_true",
                         help="also save every figure as a PNG beside the report")
-    args = parser.parse_args(argv)
+    return parser
+
+
+if __name__ == "__main__":
+    cli.answer_help_early(build_parser)
+
+# Only now the heavy imports: pandas and matplotlib take seconds (torch is never loaded).
+from labs.report import analysis, environment, loading, output, plots, render  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     if args.output_report is None:
         args.output_report = Path(f"comparison_report.{args.format}")
     return args
@@ -63,7 +73,7 @@ def main(argv=None) -> None:
 
     # 4. Render: the same context becomes HTML (autoescaped) or Markdown.
     context = render.build_context(folder, table, figures,
-                                   generated_by=results.command_line())
+                                   generated_by=cli.command_line())
     to_save = [f for f in figures if args.generate_plots and f.png is not None]
     if args.format == "html":
         text = render.html(context)  # figures embedded as data URIs, always
@@ -72,9 +82,9 @@ def main(argv=None) -> None:
 
     # 5. Write, each file atomically: the figures, the table's CSV, then the report.
     for figure in to_save:
-        output.write_atomic(out.png(figure.key), figure.png)
-    output.write_atomic(out.csv, render.csv(table))
-    output.write_atomic(out.report, text)
+        files.write_atomic(out.png(figure.key), figure.png)
+    files.write_atomic(out.csv, render.csv(table))
+    files.write_atomic(out.report, text)
 
     print(f"report   {out.report}\ntable    {out.csv}")
     if args.generate_plots:

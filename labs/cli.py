@@ -3,15 +3,21 @@
 ``parse_args(lab)`` builds the parser for one step, applies a ``--preset``, fills the
 defaults and validates every value before any work is done. A bad value raises
 ``UsageError``; ``run(main)`` turns it into one line on stderr and exit status 2.
+
+Torch-free, so that ``--help`` answers at once: every step calls
+``answer_help_early(build_parser)`` before importing torch, which takes seconds to load.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
+from typing import Callable
 
+from labs.contract import LAB_NAMES
 from labs.errors import UsageError
 
 AMP_CHOICES = ("auto", "off", "fp16", "bf16")
@@ -67,8 +73,6 @@ PRESETS = {
     "full": {},  # the lab's defaults: ResNet-50 at 224
 }
 
-LABS = ("02_baseline", "03_dataparallel", "04_ddp")
-
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse prints the whole usage block on an error; the lab prints one line."""
@@ -123,7 +127,7 @@ def _gpu_list(text: str) -> list[int]:
 
 
 def build_parser(lab: str, description: str | None = None) -> argparse.ArgumentParser:
-    if lab not in LABS:
+    if lab not in LAB_NAMES:
         raise ValueError(f"unknown lab {lab!r}")
     parser = OneLineParser(
         description=description,
@@ -292,8 +296,37 @@ def validate(args: argparse.Namespace) -> None:
         # DDP's static graph expects every backward to all-reduce; no_sync skips some.
         raise UsageError("--static-graph cannot be combined with --grad-accum-steps > 1 "
                          "(DDP's static graph does not support no_sync); drop one of them")
-    if getattr(args, "nproc", None) and os.environ.get("LOCAL_RANK") is not None:
-        raise UsageError("--nproc starts its own processes; do not combine it with torchrun")
+    if args.lab == "04_ddp":
+        from labs import distributed
+
+        distributed.check_launch(args)
+
+
+def answer_help_early(build: Callable[[], argparse.ArgumentParser]) -> None:
+    """With -h or --help on the command line, print ``build()``'s help and exit 0;
+    otherwise return. Called before the heavy imports, so help costs no torch import."""
+    options = sys.argv[1:]
+    if "--" in options:
+        options = options[:options.index("--")]  # after "--" nothing is an option
+    if "-h" in options or "--help" in options:
+        build().print_help()
+        sys.exit(0)
+
+
+def command_line() -> str:
+    """The command that reproduces this run, with the launcher when we can tell."""
+    if os.environ.get("LAB_LAUNCH_COMMAND"):  # a rank of --nproc: its argv is `python -c`
+        return os.environ["LAB_LAUNCH_COMMAND"]
+    argv = list(getattr(sys, "orig_argv", sys.argv))
+    script_args = sys.argv
+    if os.environ.get("TORCHELASTIC_RUN_ID") is not None:  # started by torchrun
+        nnodes = os.environ.get("GROUP_WORLD_SIZE", "1")
+        nproc = os.environ.get("LOCAL_WORLD_SIZE", "1")
+        launcher = ["torchrun", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}"]
+        return shlex.join(launcher + [Path(script_args[0]).name] + script_args[1:])
+    if argv and Path(argv[0]).name.startswith("python"):
+        argv[0] = "python"
+    return shlex.join(argv)
 
 
 def run(main) -> None:

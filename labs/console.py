@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import sys
 
-
-def gib(n_bytes) -> str:
-    return "n/a" if n_bytes is None else f"{n_bytes / 2**30:.2f} GiB"
+from labs.fmt import gib
 
 
 def print_summary(record: dict, path, stream=sys.stdout) -> None:
+    """The run's summary, from what was written to ``path`` (None: this process wrote
+    nothing, as DDP's ranks other than 0, and prints nothing)."""
+    if path is None:
+        return
     cfg, metrics, world = record["config"], record["metrics"], record["world"]
     devices = ", ".join(sorted({d["name"] for d in world["devices"]})) or "?"
     lines = [
@@ -56,8 +58,8 @@ def print_summary(record: dict, path, stream=sys.stdout) -> None:
     print("\n".join(lines), file=stream, flush=True)
 
 
-def warn_if_slow_on_cpu(device, preset: str | None) -> None:
+def warn_if_slow_on_cpu(device, preset: str | None, show: bool = True) -> None:
     """A full ResNet-50 run on a CPU takes hours: say so before it starts."""
-    if device.type == "cpu" and preset is None:
+    if show and device.type == "cpu" and preset is None:
         print("warning: no GPU in use: a full ResNet-50 run on the CPU takes hours; "
               "try --preset smoke (seconds) or --preset cpu (a minute)", file=sys.stderr)

@@ -10,12 +10,12 @@ the sampler (RandomSampler in 02, DistributedSampler in 04) and the loader is th
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from labs import envinfo
 from labs.errors import UsageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -123,13 +123,18 @@ def build_dataset(args, device: torch.device) -> Dataset:
 
 
 def default_num_workers(args, processes_per_host: int = 1) -> int:
-    """Workers per process: the host's cores shared by the processes on it, at most 8."""
+    """--num-workers when given; none for synthetic data; otherwise from the cores."""
     if args.data == "synthetic":
         return 0  # the images are on the device already; workers could not touch them
     if args.num_workers is not None:
         return args.num_workers
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(0, min(8, (cores or 1) // max(1, processes_per_host) - 1))
+    return workers_per_process(envinfo.cpu_count(), processes_per_host)
+
+
+def workers_per_process(cores: int, processes: int) -> int:
+    """The host's cores shared by the training processes on it, one core left to each
+    process itself, at most 8 workers (more rarely help). Step 01 recommends the same."""
+    return max(0, min(8, cores // max(1, processes) - 1))
 
 
 def build_loader(dataset: Dataset, args, sampler: Sampler, device: torch.device,

@@ -12,10 +12,17 @@ import psutil
 import torch
 
 
-def _cpu_count() -> int:
+def cpu_count() -> int:
+    """CPU cores this process may run on (its affinity, which a batch scheduler narrows),
+    not every core of the machine."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def gpu_count() -> int:
+    """CUDA GPUs visible to this process (CUDA_VISIBLE_DEVICES applies); 0 without CUDA."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def nccl_version() -> str | None:
@@ -75,7 +82,7 @@ def collect() -> dict:
         "host": socket.gethostname(),
         "platform": platform.platform(),
         "cpu_model": platform.processor() or platform.machine(),
-        "cpu_count": _cpu_count(),
+        "cpu_count": cpu_count(),
         "ram_bytes": int(psutil.virtual_memory().total),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -125,16 +132,17 @@ def _parse_device(text: str) -> torch.device:
     if text == "cpu":
         return torch.device("cpu")
     if text == "cuda" or text.startswith("cuda:"):
-        if not torch.cuda.is_available():
+        visible = gpu_count()
+        if not visible:
             raise UsageError(f"--device {text}: no CUDA GPU is visible on this machine "
                              f"(use --device cpu or auto)")
         index_text = text.partition(":")[2] or "0"
         if not index_text.isdigit():
             raise UsageError(f"--device {text}: expected cuda:N with N a GPU index")
         index = int(index_text)
-        if index >= torch.cuda.device_count():
-            raise UsageError(f"--device {text}: only {torch.cuda.device_count()} GPU(s) "
-                             f"visible (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+        if index >= visible:
+            raise UsageError(f"--device {text}: only {visible} GPU(s) "
+                             f"visible (cuda:0 to cuda:{visible - 1})")
         return torch.device("cuda", index)
     raise UsageError(f"--device {text}: expected auto, cpu, cuda or cuda:N")
 
@@ -145,7 +153,7 @@ def select_gpus(requested: list[int] | None) -> list[int]:
     is not there is a usage error."""
     from labs.errors import UsageError
 
-    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    visible = gpu_count()
     gpus = list(range(visible)) if requested is None else requested
     missing = [i for i in gpus if i >= visible]
     if missing:

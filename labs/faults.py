@@ -52,6 +52,22 @@ class Fault:
             time.sleep(3600)
 
 
+def install(trainer) -> None:
+    """With ``LAB_FAULT`` set, wrap ``trainer.step`` so the fault fires before the chosen
+    training step. Without it nothing is wrapped: the training loop has no fault check."""
+    fault = from_env()
+    if fault is None:
+        return
+    step, meter = trainer.step, trainer.meter
+
+    def step_with_fault(batches, loss_sum):
+        if not meter.in_compute_only:  # the steps after training are not counted
+            fault.maybe_fire(meter.steps_done)
+        step(batches, loss_sum)
+
+    trainer.step = step_with_fault
+
+
 def from_env() -> Fault | None:
     spec = os.environ.get("LAB_FAULT", "").strip()
     if not spec:

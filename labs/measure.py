@@ -1,6 +1,6 @@
 """Honest timing and memory for one process.
 
-Rules (DESIGN.md, "Measuring honestly"):
+Rules (docs/results_format.md says what each resulting number means):
 - warmup steps (cuDNN autotuning, torch.compile, allocator growth) are excluded;
 - GPU work is asynchronous, so step boundaries are CUDA events read once per epoch: no
   host sync inside the timed loop;
@@ -195,6 +195,10 @@ class Meter:
         self._last_mark = None
         self._epoch_started = 0.0
         self._sampling = False
+
+    @property
+    def in_compute_only(self) -> bool:
+        return self._probe_warmup_left is not None
 
     @property
     def warming_up(self) -> bool:

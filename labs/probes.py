@@ -35,6 +35,8 @@ import torch.distributed as dist
 
 from labs.bandwidth import algbw_gb_s, busbw, predict_allreduce_s
 from labs.compat import OutOfMemoryError
+from labs.data import workers_per_process
+from labs import fmt
 
 # The default model's gradients: ResNet-50 (1000 classes) has 25,557,032 parameters,
 # all-reduced in fp32 by DDP whatever the autocast precision.
@@ -42,8 +44,9 @@ GRADIENT_MODEL = "resnet50"
 RESNET50_PARAMETERS = 25_557_032
 GRADIENT_BYTES = RESNET50_PARAMETERS * 4
 
-# Peak memory of ResNet-50 at 224 px, batch 256, one H100 (PERFORMANCE.md); activations
-# dominate, so memory is taken to grow linearly with the batch.
+# Peak memory of ResNet-50 at 224 px, batch 256, one H100 (docs/student_guide.md,
+# "Reference figures"); activations dominate, so memory is taken to grow linearly with
+# the batch.
 MEMORY_AT_BATCH_256_GIB = {"bf16": 11.0, "fp32": 27.2}
 MEMORY_HEADROOM = 0.20
 
@@ -335,7 +338,7 @@ def allreduce_sweep(gpu_count: int, notes: list[str], say=print) -> dict | None:
                      "all-reduce not measured.")
         return None
     say(f"probe: all-reduce sweep, {backend}, {world_size} ranks on {device}, "
-        f"{_size(sizes[0])} to {_size(sizes[-1])}")
+        f"{fmt.size(sizes[0])} to {fmt.size(sizes[-1])}")
     env = {"OMP_NUM_THREADS": "1"}
     if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ:
         loopback = _loopback_interface()
@@ -381,14 +384,15 @@ def recommendations(record: dict) -> list[str]:
                               for g in gpus) else "fp16"
         low = recommend_batch_size(smallest["total_memory_bytes"], "bf16")
         full = recommend_batch_size(smallest["total_memory_bytes"], "fp32")
+        memory = fmt.gib(smallest["total_memory_bytes"], 1)
         said.append(
-            f"Per-GPU batch for resnet50 at 224 px on {_gib(smallest['total_memory_bytes'])} "
+            f"Per-GPU batch for resnet50 at 224 px on {memory} "
             f"({smallest['name']}{', the smallest GPU' if len(gpus) > 1 else ''}): up to "
             f"{low} with --amp {mixed} --channels-last, {full} with --amp off (fp32); from "
             f"{MEMORY_AT_BATCH_256_GIB['bf16']:.0f} and {MEMORY_AT_BATCH_256_GIB['fp32']:.0f} "
             f"GiB at batch 256, scaled linearly with {MEMORY_HEADROOM:.0%} headroom.")
     processes = max(1, len(gpus))
-    workers = max(0, min(8, cores // processes - 1))
+    workers = workers_per_process(cores, processes)  # what 02-04 choose themselves
     said.append(f"DataLoader workers for --data fake or real images: --num-workers {workers} "
                 f"per process ({cores} CPU cores shared by {processes} process(es), one core "
                 f"left for each training process); --data synthetic needs none.")
@@ -422,19 +426,8 @@ def recommendations(record: dict) -> list[str]:
 
 # --- on screen ---------------------------------------------------------------------------
 
-def _gib(n_bytes) -> str:
-    return "n/a" if n_bytes is None else f"{n_bytes / 2**30:.1f} GiB"
-
-
-def _size(n_bytes: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", MiB), ("KiB", KiB)):
-        if n_bytes >= scale:
-            return f"{n_bytes / scale:g} {unit}"
-    return f"{n_bytes} B"
-
-
-def _num(value, fmt: str) -> str:
-    return "n/a" if value is None else format(value, fmt)
+def _num(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def format_summary(record: dict, path) -> str:
@@ -444,7 +437,8 @@ def format_summary(record: dict, path) -> str:
         "",
         "== 01 environment ==",
         f"host         {env['host']} ({env['platform']}), {env['cpu_count']} CPU cores, "
-        f"{_gib(env['ram_bytes'])} RAM, {_gib(record['disk_free_bytes'])} free for results",
+        f"{fmt.gib(env['ram_bytes'], 1)} RAM, "
+        f"{fmt.gib(record['disk_free_bytes'], 1)} free for results",
         f"software     Python {env['python']}, torch {env['torch']}, torchvision "
         f"{env['torchvision']}, CUDA {env['cuda'] or 'n/a'}, cuDNN {env['cudnn'] or 'n/a'}, "
         f"NCCL {env['nccl'] or 'n/a'}, driver {env['driver'] or 'n/a'}",
@@ -454,7 +448,8 @@ def format_summary(record: dict, path) -> str:
     ]
     for g in record["gpus"]:
         peers = ", ".join(map(str, g["peer_access"])) or "none"
-        lines.append(f"  cuda:{g['index']:<7}{g['name']}, {_gib(g['total_memory_bytes'])}, "
+        lines.append(f"  cuda:{g['index']:<7}{g['name']}, "
+                     f"{fmt.gib(g['total_memory_bytes'], 1)}, "
                      f"compute {g['compute_capability']}, {g['multiprocessors']} SMs, "
                      f"peer access: {peers}")
     if record["topology"]:
@@ -471,7 +466,7 @@ def format_summary(record: dict, path) -> str:
             lines.append("copy         n/a (no GPU)")
         for c in probes["copy_bandwidth"] or []:
             lines.append(f"copy         {c['device']:<8}{c['direction']:<4}"
-                         f"{_size(c['size_bytes']):>9}  {_num(c['gb_s'], '.1f')} GB/s")
+                         f"{fmt.size(c['size_bytes']):>9}  {_num(c['gb_s'], '.1f')} GB/s")
         ar = probes["allreduce"]
         if ar is None:
             lines.append("all-reduce   n/a (see notes)")
@@ -481,7 +476,7 @@ def format_summary(record: dict, path) -> str:
                          f"{ar['device']}, {verdict}")
             lines.append(f"             {'size':>9}{'time':>12}{'algbw':>12}{'busbw':>12}")
             for r in ar["results"]:
-                lines.append(f"             {_size(r['size_bytes']):>9}"
+                lines.append(f"             {fmt.size(r['size_bytes']):>9}"
                              f"{r['time_s'] * 1e3:>9.3f} ms"
                              f"{_num(r['algbw_gb_s'], '.2f'):>7} GB/s"
                              f"{_num(r['busbw_gb_s'], '.2f'):>7} GB/s"

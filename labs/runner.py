@@ -25,6 +25,7 @@ from pathlib import Path
 
 from labs.cli import PRESETS, OneLineParser, positive_int
 from labs.errors import UsageError
+from labs.files import prepare_dir
 
 REPO = Path(__file__).resolve().parent.parent
 STEP_NAMES = {
@@ -66,12 +67,6 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
-def visible_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def parse_steps(text: str) -> list[str]:
     steps = []
     for part in text.split(","):
@@ -102,7 +97,7 @@ def build_plan(args, gpu_count: int) -> Plan:
 
     env: dict[str, dict] = {}
     if n == 0:
-        from labs.distributed import threads_per_rank
+        from labs.launch import threads_per_rank
 
         ranks = 2
         plan.notes.append(f"No GPU: every step runs on the CPU; 04 uses {ranks} processes "
@@ -265,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         raise UsageError(f"the lab's scripts are not beside the labs package ({REPO}); "
                          f"run from a checkout of the lab")
-    from labs.results import prepare_dir
+    from labs import envinfo  # torch: seconds to load, so not for --help or a bad option
 
     prepare_dir(args.results_dir)  # an unwritable folder fails now, before step 01
-    plan = build_plan(args, visible_gpus())
+    plan = build_plan(args, envinfo.gpu_count())
     return execute(plan, args, argv)

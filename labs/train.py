@@ -1,9 +1,10 @@
 """The training loop shared by steps 02, 03 and 04.
 
 It knows nothing of DataParallel or DistributedDataParallel: the scripts wrap the model
-before handing it over (DataParallel's own helpers are in ``labs.dp``). The one hook DDP needs, skipping the gradient all-reduce on the
-micro-steps of gradient accumulation, comes in as ``skip_grad_sync`` (a context manager
-factory such as ``ddp_model.no_sync``).
+before handing it over (DataParallel's own helpers are in ``labs.dp``). What DDP needs
+comes in as context-manager factories such as ``ddp_model.no_sync``: ``skip_grad_sync``
+skips the gradient all-reduce on the micro-steps of gradient accumulation, and
+``time_compute_only`` times extra steps inside one.
 """
 
 from __future__ import annotations
@@ -57,11 +58,17 @@ def prepare_model(model: nn.Module, device: torch.device, channels_last: bool) -
     return model
 
 
+MOMENTUM = 0.9
+WEIGHT_DECAY = 1e-4
+OPTIMIZER = "SGD(momentum=0.9, weight_decay=1e-4)"  # the two above, as the result says it
+
+
 def build_optimizer(model: nn.Module, lr: float, device: torch.device) -> torch.optim.SGD:
     """SGD with momentum; the fused CUDA kernel on GPUs, foreach elsewhere."""
     params = [p for p in model.parameters() if p.requires_grad]
     implementation = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4, **implementation)
+    return torch.optim.SGD(params, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
+                           **implementation)
 
 
 def gradient_bytes(model: nn.Module) -> int:
@@ -112,7 +119,7 @@ class Trainer:
         self.skip_grad_sync = skip_grad_sync
         self.show_progress = show_progress
         self.criterion = nn.CrossEntropyLoss()
-        self.fault = faults.from_env()  # tests inject crashes, OOMs and signals here
+        faults.install(self)  # LAB_FAULT (tests): crashes, OOMs and signals at a chosen step
 
     def _micro_step(self, images, labels, last_micro_step: bool) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
@@ -125,7 +132,7 @@ class Trainer:
             self.scaler.scale(loss).backward()
         return loss.detach()
 
-    def _step(self, batches, loss_sum: torch.Tensor) -> None:
+    def step(self, batches, loss_sum: torch.Tensor) -> None:
         """One optimizer step (``grad_accum_steps`` micro-batches); adds its loss to
         ``loss_sum`` on the device (no host sync)."""
         data_wait = 0.0
@@ -150,9 +157,7 @@ class Trainer:
                         unit="step", disable=not self.show_progress, dynamic_ncols=True,
                         leave=True)
         for _ in range(self.steps_per_epoch):
-            if self.fault is not None:
-                self.fault.maybe_fire(meter.steps_done)
-            self._step(batches, loss_sum)
+            self.step(batches, loss_sum)
             progress.update()
         mean_loss = loss_sum / self.steps_per_epoch
         meter.end_epoch(mean_loss)
@@ -175,7 +180,7 @@ class Trainer:
         with inside():
             batches = _endless(loader)
             for _ in range(warmup_steps + steps):
-                self._step(batches, loss_sum)
+                self.step(batches, loss_sum)
         self.meter.end_compute_only()
 
 

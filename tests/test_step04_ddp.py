@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import lab_env, read_single_result, result_files, run_script, torchrun
-from labs import distributed
+from labs import distributed, envinfo, launch
 from labs.errors import UsageError
 from labs.results import load_result
 
@@ -85,7 +85,7 @@ def test_no_comm_probe_skips_the_compute_only_phase(results_dir):
 
 def test_two_nodes_on_localhost(results_dir):
     """Two torchrun agents, one per "node", meeting at a c10d rendezvous on localhost."""
-    port = distributed.free_port()
+    port = launch.free_port()
     common = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
               f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=labtest"]
     cmd = [*torchrun(*common), "04_ddp_training.py", *SMOKE, "--results-dir",
@@ -140,7 +140,7 @@ def test_nccl_without_gpus_is_refused_with_exit_2(results_dir, extra):
 
 
 def test_more_ranks_than_gpus_is_refused_for_nccl(monkeypatch):
-    monkeypatch.setattr(distributed, "gpus_visible", lambda: 1)
+    monkeypatch.setattr(envinfo, "gpu_count", lambda: 1)
     for backend in ("nccl", "auto"):
         with pytest.raises(UsageError, match="NCCL cannot put two ranks on one GPU"):
             distributed.check_backend(backend, "auto", local_world_size=2)

@@ -267,7 +267,7 @@ def test_the_steady_state_step_never_synchronises_with_the_gpu(amp):
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(4):
-            trainer._step(batches, loss_sum)
+            trainer.step(batches, loss_sum)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     meter.end_epoch(loss_sum / 4)

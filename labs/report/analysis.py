@@ -27,7 +27,7 @@ import statistics
 import numpy as np
 import pandas as pd
 
-from labs.report import fmt
+from labs import fmt
 
 METHOD = {"single": "Single", "dp": "DataParallel", "ddp": "DDP"}
 STRATEGY_ORDER = {"single": 0, "dp": 1, "ddp": 2}

@@ -4,7 +4,7 @@ defensively."""
 
 from __future__ import annotations
 
-from labs.report import fmt
+from labs import fmt
 from labs.report.analysis import dicts, dig, num
 
 FIELDS = (("host", "Host"), ("platform", "Platform"), ("cpu_model", "CPU"),

@@ -1,4 +1,4 @@
-"""Read a results folder: every ``*.json`` file through ``labs.results.load_result``.
+"""Read a results folder: every ``*.json`` file through ``labs.contract.load_result``.
 
 Nothing here ever fails on a bad file: it is listed, with the reason, among the skipped
 files. Files are parsed as JSON only; nothing is unpickled or executed.
@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from labs.contract import load_result
 from labs.errors import UsageError
-from labs.results import load_result
 
 
 @dataclass

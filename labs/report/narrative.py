@@ -10,8 +10,7 @@ from collections import Counter
 
 import pandas as pd
 
-from labs import bandwidth
-from labs.report import fmt
+from labs import bandwidth, fmt
 from labs.report.analysis import (RERUN, SPREAD_LIMIT, SUPERLINEAR_LIMIT,
                                   WORLD_SIZE_1, WRAPPER_FASTER_LIMIT, flag_kind, num,
                                   reliable, setting_pairs, short_hardware, short_method)

@@ -22,7 +22,7 @@ from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 import pandas as pd  # noqa: E402
 
-from labs.report import fmt  # noqa: E402
+from labs import fmt  # noqa: E402
 
 COLORS = {"single": "#6b7280", "dp": "#d97706", "ddp": "#2563eb"}
 METHOD_NAMES = {"single": "single device", "dp": "DataParallel", "ddp": "DDP"}

@@ -13,7 +13,8 @@ import re
 import jinja2
 import pandas as pd
 
-from labs.report import environment, fmt, narrative
+from labs import fmt
+from labs.report import environment, narrative
 from labs.report.analysis import WORLD_SIZE_1, allreduce_sweeps
 from labs.report.loading import Folder, failure_reason
 from labs.report.plots import Plot

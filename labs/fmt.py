@@ -1,4 +1,7 @@
-"""How numbers read in the report: one place, so the HTML, Markdown and text agree."""
+"""How numbers read, in one place: the report (HTML, Markdown, text), the summary a step
+prints (labs.console) and step 01's (labs.probes) agree. Torch-free.
+
+A missing value (None or NaN) reads "n/a" everywhere."""
 
 from __future__ import annotations
 
@@ -9,8 +12,10 @@ def missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def gib(n_bytes) -> str:
-    return "n/a" if missing(n_bytes) else f"{n_bytes / 2**30:.2f} GiB"
+def gib(n_bytes, digits: int = 2) -> str:
+    """Bytes in GiB: two decimals for measured memory (a peak of 11.03 GiB), one for a
+    machine's capacity (RAM, free disk, a GPU's total memory: step 01)."""
+    return "n/a" if missing(n_bytes) else f"{n_bytes / 2**30:.{digits}f} GiB"
 
 
 def rate(img_s) -> str:
@@ -36,6 +41,7 @@ def times(factor) -> str:
 
 
 def size(n_bytes) -> str:
+    """A message or buffer size in the largest binary unit it reaches: "256 MiB"."""
     if missing(n_bytes):
         return "n/a"
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):

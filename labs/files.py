@@ -1,0 +1,101 @@
+"""Writing files so that a reader never sees half of one, torch-free.
+
+Every file the lab writes (result files, step 01's environment file, checkpoints, the
+report, its CSV and figures) goes through ``write_atomic``: the content is written to a
+hidden temporary file in the target's folder, flushed to disk, then renamed onto the
+target in one step. A crash leaves at most that hidden temporary file, never a truncated
+target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+from labs.errors import UsageError
+
+Content = str | bytes | Callable[[BinaryIO], object]  # text, bytes, or a writer
+
+
+def write_atomic(path: Path, content: Content, *, overwrite: bool = True) -> Path:
+    """Write ``content`` to ``path`` atomically and return the path.
+
+    ``content`` is text (written as UTF-8), bytes, or a function that writes to the
+    binary file handle it is given (``lambda f: torch.save(state, f)``). With
+    ``overwrite=False`` an existing ``path`` is never replaced: FileExistsError, and the
+    file is left as it was. The new file's mode follows the umask, as ``open`` does.
+    """
+    path = Path(path)
+    fd, tmp = _create_hidden_beside(path)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            if callable(content):
+                content(handle)
+            else:
+                handle.write(content.encode("utf-8") if isinstance(content, str) else content)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _move_into_place_once(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _create_hidden_beside(path: Path) -> tuple[int, str]:
+    """A new hidden file in ``path``'s folder (the same file system, so the rename is
+    atomic). Not mkstemp: it makes every file 0600, and results are for everyone; the
+    mode given to os.open is reduced by the umask instead."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), str(tmp)
+        except FileExistsError:
+            continue  # a name drawn twice: draw again
+
+
+def _move_into_place_once(tmp: str, path: Path) -> None:
+    try:
+        os.link(tmp, path)  # fails if the name exists: the target is never replaced
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: check, then rename
+        if path.exists():
+            raise FileExistsError(path) from None
+        os.replace(tmp, path)
+    else:
+        os.unlink(tmp)
+
+
+def unwritable_reason(folder: Path) -> str | None:
+    """Why a file cannot be created in ``folder`` (None: it can), found by creating and
+    removing a hidden probe file: permissions alone do not tell (read-only mounts, ACLs,
+    a full disk)."""
+    try:
+        fd, probe = _create_hidden_beside(Path(folder) / "write-test")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        return err.strerror or str(err)
+    return None
+
+
+def prepare_dir(folder: Path) -> Path:
+    """Create the results folder and prove it is writable, before any work is done."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot write results to {folder}: "
+                         f"{err.strerror or err}") from None
+    reason = unwritable_reason(folder)
+    if reason is not None:
+        raise UsageError(f"cannot write results to {folder}: {reason}")
+    return folder

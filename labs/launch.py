@@ -1,0 +1,199 @@
+"""How step 04's processes come to exist, kept out of the lesson.
+
+Under torchrun every rank is started for us and reads who it is from the environment
+(``ranks_from_env``). ``--nproc N`` makes 04 its own launcher: ``run`` checks the
+command line once, in the parent, then starts N ranks with the spawn start method and
+the same variables torchrun would set, shares the cores between them, passes Ctrl-C and
+SIGTERM on, and ends the job when a rank dies. ``rendezvous`` is what
+``init_process_group`` needs beyond the usual env:// meeting: a store of its own after a
+torchrun restart, and NCCL's device binding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from labs import cli
+from labs.errors import UsageError
+
+LAUNCH_COMMAND = "LAB_LAUNCH_COMMAND"  # the user's command, for the spawned ranks' results
+
+
+@dataclass
+class Ranks:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    nnodes: int
+    restart_count: int
+    launcher: str  # "torchrun", "spawn", "single" or "env"
+
+
+def ranks_from_env(legacy_local_rank: int | None = None) -> Ranks:
+    """Who this process is, from the variables torchrun (or ``--nproc``) sets.
+
+    Started with plain ``python`` and no ``--nproc``, the process is a world of one: the
+    rendezvous variables are filled in so init_process_group still works.
+    """
+    env = os.environ
+    if "RANK" not in env:
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(free_port()))
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        launcher = "single"
+    else:
+        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else env.get("LAB_LAUNCHER",
+                                                                            "env")
+    world_size = int(env["WORLD_SIZE"])
+    local_world_size = int(env.get("LOCAL_WORLD_SIZE", world_size))
+    local_rank = int(env.get("LOCAL_RANK", legacy_local_rank or 0))
+    nnodes = int(env.get("GROUP_WORLD_SIZE", max(1, world_size // max(1, local_world_size))))
+    return Ranks(rank=int(env["RANK"]), local_rank=local_rank, world_size=world_size,
+                 local_world_size=local_world_size, nnodes=nnodes,
+                 restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)),
+                 launcher=launcher)
+
+
+def rendezvous(ranks: Ranks, device: torch.device, backend: str, timeout) -> dict:
+    """init_process_group's arguments beyond backend, rank, world size and timeout.
+
+    - After a torchrun restart, a store of this attempt's own: torchrun's agent keeps one
+      key-value store across restarts, and the ranks of a restarted attempt would read
+      the addresses the dead attempt's ranks published there, connect to ports nobody
+      listens on any more, and time out. A prefix per attempt keeps them apart.
+    - Under NCCL, the rank's GPU (``device_id``): the communicator is set up at once,
+      on the right GPU.
+    """
+    extra: dict = {}
+    if backend == "nccl":
+        extra["device_id"] = device
+    if ranks.restart_count == 0:
+        return extra  # first attempt: the usual env:// rendezvous
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          ranks.world_size, is_master=ranks.rank == 0 and not agent_hosts_store,
+                          timeout=timeout)
+    return {**extra, "store": dist.PrefixStore(f"lab/attempt{ranks.restart_count}", store)}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def threads_per_rank(nproc: int) -> int:
+    """Like torchrun: share the cores between the ranks instead of each rank taking all
+    of them (N ranks x all cores threads thrash; on CPU that is many times slower)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return int(os.environ["OMP_NUM_THREADS"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // nproc)
+
+
+def run(main: Callable[[], None], lab: str) -> None:
+    """Run a step's ``main()``: here, or with ``--nproc N`` once in each of N new ranks.
+
+    The command line is parsed and checked here first, so bad input is one line and exit
+    status 2 before any rank starts (under torchrun each rank checks it itself)."""
+    cli.run(lambda: _launch(main, lab))
+
+
+def _launch(main: Callable[[], None], lab: str) -> None:
+    if os.environ.get("LAB_LAUNCHER") != "spawn":  # not one of our own ranks already
+        nproc = cli.parse_args(lab).nproc
+        if nproc:
+            _spawn(main, nproc)
+            return
+    main()
+
+
+def _spawn(main: Callable[[], None], nproc: int) -> None:
+    """Start ``nproc`` ranks running ``main()`` and wait for them, like torchrun.
+
+    The spawn start method (not fork) gives each rank a fresh interpreter, so no CUDA or
+    thread state is inherited; it is also what works from a notebook or on macOS. Each
+    rank parses the same command line again (spawn restores sys.argv).
+    """
+    os.environ.setdefault(LAUNCH_COMMAND, cli.command_line())  # the ranks see `python -c ...`
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    # torch logs each rank it stops; the line below says so once, in the lab's words.
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+    # A rank that finds bad input only it can check (an unreadable --resume file, say)
+    # hands the sentence back here, so that it is said once, not once per rank.
+    usage_errors = mp.get_context("spawn").SimpleQueue()
+    context = mp.start_processes(_rank, args=(main, nproc, threads_per_rank(nproc),
+                                              usage_errors),
+                                 nprocs=nproc, join=False, start_method="spawn")
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        while not context.join():
+            pass
+    except (KeyboardInterrupt, _Stop) as stop:  # Ctrl-C or SIGTERM: every rank stops too
+        signum = stop.signum if isinstance(stop, _Stop) else signal.SIGINT
+        _stop_ranks(context.processes, signum)
+        sys.exit(128 + signum)
+    except mp.ProcessExitedException as err:
+        if err.exit_code == 2 and not usage_errors.empty():
+            raise UsageError(usage_errors.get()) from None
+        print(f"04_ddp: rank {err.error_index} exited with status {err.exit_code}; "
+              f"the other ranks were stopped", file=sys.stderr)
+        sys.exit(err.exit_code if err.exit_code and err.exit_code > 0 else 1)
+    except mp.ProcessRaisedException as err:
+        print(f"04_ddp: rank {err.error_index} failed:\n{err}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _rank(local_rank: int, main: Callable[[], None], nproc: int, threads: int,
+          usage_errors) -> None:
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank),
+                      WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                      GROUP_WORLD_SIZE="1", LAB_LAUNCHER="spawn")
+    torch.set_num_threads(threads)
+    try:
+        main()
+    except UsageError as err:
+        usage_errors.put(str(err))
+        sys.exit(2)
+
+
+class _Stop(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stop(signum, frame):
+    raise _Stop(signum)
+
+
+def _stop_ranks(processes, signum: int) -> None:
+    """Pass a stop signal on to the ranks (a terminal's Ctrl-C reaches them by itself;
+    ``kill`` of this process does not) and wait while they write what they measured."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    deadline = time.monotonic() + (2.0 if signum == signal.SIGINT else 0.0)
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            os.kill(process.pid, signum)
+    for process in processes:
+        process.join(60)
+        if process.is_alive():
+            process.kill()
