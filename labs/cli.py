@@ -11,6 +11,7 @@ Torch-free, so that ``--help`` answers at once: every step calls
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import sys
@@ -107,6 +108,8 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):  # inf would train to NaN, or wait for ever
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be greater than zero, got {text!r}")
     return value
@@ -337,3 +340,22 @@ def run(main) -> None:
     except UsageError as err:
         sys.stderr.write(f"{prog}: error: {err}\n")  # one write: ranks do not interleave
         sys.exit(2)
+    except Exception as err:  # noqa: BLE001 - only allocation failures are handled here
+        if not is_allocation_failure(err):
+            raise
+        # Inside training the result guard records an `oom` result; this is before it
+        # (building the data set or the model), so there is no run to record yet.
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        sys.stderr.write(f"{prog}: out of memory before training started ({first}); try a "
+                         f"smaller --img-size, --batch-size or --dataset-size\n")
+        sys.exit(3)
+
+
+def is_allocation_failure(err: BaseException) -> bool:
+    """An allocation that failed: MemoryError, torch's OutOfMemoryError (CUDA), or the
+    RuntimeError its CPU allocator raises. By name: this module never imports torch."""
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("can't allocate memory" in text
+                                              or "not enough memory" in text)

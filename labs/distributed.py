@@ -14,16 +14,19 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 import torch.distributed as dist
 
 from labs import envinfo, files
 from labs.compat import OutOfMemoryError
 from labs.errors import UsageError
-from labs.launch import Ranks
+from labs.launch import Ranks, env_int
 
 
 def check_backend(requested: str, device: str, local_world_size: int) -> None:
@@ -56,7 +59,7 @@ def check_launch(args) -> None:
                          f"picks its GPU from its local rank)")
     if args.device == "cuda" and envinfo.gpu_count() == 0:
         raise UsageError("--device cuda: no CUDA GPU is visible on this machine")
-    local_world_size = args.nproc or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    local_world_size = args.nproc or env_int("LOCAL_WORLD_SIZE", default=1, minimum=1)
     check_backend(args.backend, args.device, local_world_size)
     if args.sync_bn and (args.device == "cpu" or envinfo.gpu_count() == 0):
         raise UsageError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU kernel); "
@@ -105,8 +108,28 @@ class PeerReports:
     KEY = "lab/failure/rank{}"
 
     def __init__(self, rank: int, world_size: int):
+        """A collective call: every rank makes it (it learns where the others run)."""
         self.rank = rank
         self.world_size = world_size
+        me = _Process.this()
+        self.processes = all_gather(me) if world_size > 1 else [me]
+
+    def writer_lost(self) -> int | None:
+        """The rank that died if rank 0 is gone and so is every rank below this one, so
+        that this rank must write the result; None otherwise (or when it cannot tell:
+        a rank on another host)."""
+        if self.rank == 0:
+            return None
+        for lower in range(self.rank):
+            if not self.processes[lower].is_dead():
+                return None
+        return 0
+
+    def death_reason(self, rank: int) -> str:
+        return (f"rank {rank} (pid {self.processes[rank].pid}) died without a word: killed "
+                f"by a signal (SIGKILL from a user or a scheduler, or the kernel's OOM "
+                f"killer when host memory ran out) or crashed in native code; rank "
+                f"{self.rank} recorded the run")
 
     def _store(self):
         # torch has no public accessor for the default group's store
@@ -139,6 +162,32 @@ class PeerReports:
         except Exception:  # noqa: BLE001 - no store, no report: keep this rank's own reason
             pass
         return None
+
+
+@dataclass
+class _Process:
+    """Where a rank runs, enough to tell later from the same host whether it is gone."""
+    host: str
+    pid: int
+    started: float
+
+    @staticmethod
+    def this() -> "_Process":
+        return _Process(socket.gethostname(), os.getpid(), psutil.Process().create_time())
+
+    def is_dead(self) -> bool:
+        """True only when it is certain: same host, and the process is gone (or a
+        zombie, or the pid belongs to a newer process)."""
+        if self.host != socket.gethostname():
+            return False
+        try:
+            process = psutil.Process(self.pid)
+            return (process.create_time() != self.started
+                    or process.status() == psutil.STATUS_ZOMBIE)
+        except psutil.NoSuchProcess:
+            return True
+        except psutil.Error:
+            return False
 
 
 def gather_to_rank0(obj):
@@ -189,7 +238,16 @@ def resume(args, model, optimizer, scaler, device: torch.device) -> Resumed:
     path = resolve_resume(args.resume, args.checkpoint_dir)
     if path is None:
         return Resumed(None, 0)
-    return Resumed(path, load_checkpoint(path, model, optimizer, scaler, device))
+    done = load_checkpoint(path, model, optimizer, scaler, device)
+    if done > args.epochs:
+        raise UsageError(f"--resume {path}: the checkpoint is from epoch {done}, past "
+                         f"--epochs {args.epochs}; raise --epochs to train on")
+    if done == args.epochs:  # nothing left to train: not a failure, and no new result
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"04_ddp: --resume {path}: the run already finished all {done} epochs; "
+                  f"nothing to resume (raise --epochs to train longer)", flush=True)
+        raise SystemExit(0)
+    return Resumed(path, done)
 
 
 def resolve_resume(resume: str | None, folder: Path) -> Path | None:
@@ -204,7 +262,9 @@ def load_checkpoint(path: Path, model, optimizer, scaler, device: torch.device) 
     """Restore model, optimizer and scaler; returns the number of epochs already done.
     ``weights_only=True``: a checkpoint is data, never code to unpickle."""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # the one line below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=device, weights_only=True)
     except OutOfMemoryError:
         raise
     except pickle.UnpicklingError as err:  # garbage, or pickled objects that are not data
@@ -217,10 +277,13 @@ def load_checkpoint(path: Path, model, optimizer, scaler, device: torch.device) 
     try:
         if not isinstance(state, dict):
             raise TypeError(f"holds a {type(state).__name__}, not a checkpoint dict")
+        epoch = state["epoch"]
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"its epoch is {epoch!r}, not a count of finished epochs")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        return int(state["epoch"])
+        return epoch
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as err:
         raise UsageError(f"--resume {path}: not a checkpoint of this model and options "
                          f"({_first_sentence(err)})") from None

@@ -74,16 +74,26 @@ def _move_into_place_once(tmp: str, path: Path) -> None:
         os.unlink(tmp)
 
 
+PROBE_BYTES = 256 * 1024  # more than a result file; an empty file fits on a full disk
+
+
 def unwritable_reason(folder: Path) -> str | None:
-    """Why a file cannot be created in ``folder`` (None: it can), found by creating and
-    removing a hidden probe file: permissions alone do not tell (read-only mounts, ACLs,
-    a full disk)."""
+    """Why a file cannot be written in ``folder`` (None: it can), found by writing and
+    removing a hidden probe file of PROBE_BYTES: permissions alone do not tell
+    (read-only mounts, ACLs), and on a full disk creating an empty file still works."""
+    probe = None
     try:
         fd, probe = _create_hidden_beside(Path(folder) / "write-test")
-        os.close(fd)
-        os.unlink(probe)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(bytes(PROBE_BYTES))
+            handle.flush()
+            os.fsync(handle.fileno())
     except OSError as err:
         return err.strerror or str(err)
+    finally:
+        if probe is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(probe)
     return None
 
 

@@ -16,8 +16,10 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -25,6 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from labs import cli
+from labs.compat import DistNetworkError
 from labs.errors import UsageError
 
 LAUNCH_COMMAND = "LAB_LAUNCH_COMMAND"  # the user's command, for the spawned ranks' results
@@ -42,7 +45,10 @@ class Ranks:
 
 
 def ranks_from_env(legacy_local_rank: int | None = None) -> Ranks:
-    """Who this process is, from the variables torchrun (or ``--nproc``) sets.
+    """Who this process is, from the variables torchrun (or ``--nproc``) sets, checked:
+    a value that is not a number, a rank outside the world or an address that does not
+    resolve is one line and exit status 2 now, not a traceback after the process-group
+    timeout.
 
     Started with plain ``python`` and no ``--nproc``, the process is a world of one: the
     rendezvous variables are filled in so init_process_group still works.
@@ -56,14 +62,60 @@ def ranks_from_env(legacy_local_rank: int | None = None) -> Ranks:
     else:
         launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else env.get("LAB_LAUNCHER",
                                                                             "env")
-    world_size = int(env["WORLD_SIZE"])
-    local_world_size = int(env.get("LOCAL_WORLD_SIZE", world_size))
-    local_rank = int(env.get("LOCAL_RANK", legacy_local_rank or 0))
-    nnodes = int(env.get("GROUP_WORLD_SIZE", max(1, world_size // max(1, local_world_size))))
-    return Ranks(rank=int(env["RANK"]), local_rank=local_rank, world_size=world_size,
+    world_size = env_int("WORLD_SIZE", minimum=1)
+    rank = env_int("RANK", minimum=0)
+    if rank >= world_size:
+        raise UsageError(f"RANK={rank} is outside the world: WORLD_SIZE={world_size} "
+                         f"means ranks 0 to {world_size - 1}")
+    local_world_size = env_int("LOCAL_WORLD_SIZE", default=world_size, minimum=1)
+    local_rank = env_int("LOCAL_RANK", default=legacy_local_rank or 0, minimum=0)
+    if local_rank >= local_world_size:
+        raise UsageError(f"LOCAL_RANK={local_rank} is outside this node's "
+                         f"LOCAL_WORLD_SIZE={local_world_size}")
+    check_master_address()
+    nnodes = env_int("GROUP_WORLD_SIZE", default=max(1, world_size // local_world_size),
+                     minimum=1)
+    return Ranks(rank=rank, local_rank=local_rank, world_size=world_size,
                  local_world_size=local_world_size, nnodes=nnodes,
-                 restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)),
+                 restart_count=env_int("TORCHELASTIC_RESTART_COUNT", default=0, minimum=0),
                  launcher=launcher)
+
+
+def env_int(name: str, default: int | None = None, minimum: int = 0) -> int:
+    """An integer environment variable of the launch, or a usage error naming it."""
+    text = os.environ.get(name)
+    if text is None or text.strip() == "":
+        if default is None:
+            raise UsageError(f"{name} is not set; start 04 with torchrun, with --nproc N, "
+                             f"or with plain python for one process")
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"{name}={text!r} is not an integer") from None
+    if value < minimum:
+        raise UsageError(f"{name}={value} must be at least {minimum}")
+    return value
+
+
+def check_master_address() -> None:
+    """MASTER_ADDR must resolve and MASTER_PORT be a TCP port (when they are set)."""
+    port_text = os.environ.get("MASTER_PORT")
+    if port_text is not None:
+        try:
+            port = int(port_text)
+        except ValueError:
+            port = -1
+        if not 1 <= port <= 65535:
+            raise UsageError(f"MASTER_PORT={port_text!r} is not a TCP port (1 to 65535)")
+    address = os.environ.get("MASTER_ADDR")
+    if address is not None:
+        try:
+            socket.getaddrinfo(address, None)
+        except (socket.gaierror, UnicodeError) as err:
+            raise UsageError(f"MASTER_ADDR={address!r} does not resolve ({err}): give the "
+                             f"address of the node that runs rank 0, or use torchrun "
+                             f"--standalone on one machine") from None
 
 
 def rendezvous(ranks: Ranks, device: torch.device, backend: str, timeout) -> dict:
@@ -115,9 +167,26 @@ def _launch(main: Callable[[], None], lab: str) -> None:
     if os.environ.get("LAB_LAUNCHER") != "spawn":  # not one of our own ranks already
         nproc = cli.parse_args(lab).nproc
         if nproc:
+            check_master_address()  # the user's MASTER_ADDR/PORT, if any, for every rank
             _spawn(main, nproc)
             return
-    main()
+    _main_with_plain_rendezvous_errors(main)
+
+
+def _main_with_plain_rendezvous_errors(main: Callable[[], None]) -> None:
+    """A rendezvous that fails (a port in use, an address nobody listens on) ends in a
+    long DistNetworkError traceback: say the cause and the fix in one line instead. Only
+    before the process group exists: later network errors are a run's own failure."""
+    try:
+        main()
+    except DistNetworkError as err:
+        if dist.is_initialized():
+            raise
+        address = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        first = next((line for line in str(err).splitlines() if line.strip()), "")
+        raise UsageError(f"rendezvous at {address} failed ({first[:160]}): choose another "
+                         f"MASTER_PORT (or --master-port for torchrun), use torchrun "
+                         f"--standalone on one machine, or check MASTER_ADDR") from None
 
 
 def _spawn(main: Callable[[], None], nproc: int) -> None:
@@ -133,10 +202,10 @@ def _spawn(main: Callable[[], None], nproc: int) -> None:
     # torch logs each rank it stops; the line below says so once, in the lab's words.
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     # A rank that finds bad input only it can check (an unreadable --resume file, say)
-    # hands the sentence back here, so that it is said once, not once per rank.
-    usage_errors = mp.get_context("spawn").SimpleQueue()
+    # leaves the sentence in this folder, so that it is said once, not once per rank.
+    usage_errors = tempfile.TemporaryDirectory(prefix="lab-usage-")
     context = mp.start_processes(_rank, args=(main, nproc, threads_per_rank(nproc),
-                                              usage_errors),
+                                              usage_errors.name),
                                  nprocs=nproc, join=False, start_method="spawn")
     previous = signal.signal(signal.SIGTERM, _raise_stop)
     try:
@@ -147,28 +216,57 @@ def _spawn(main: Callable[[], None], nproc: int) -> None:
         _stop_ranks(context.processes, signum)
         sys.exit(128 + signum)
     except mp.ProcessExitedException as err:
-        if err.exit_code == 2 and not usage_errors.empty():
-            raise UsageError(usage_errors.get()) from None
-        print(f"04_ddp: rank {err.error_index} exited with status {err.exit_code}; "
-              f"the other ranks were stopped", file=sys.stderr)
-        sys.exit(err.exit_code if err.exit_code and err.exit_code > 0 else 1)
+        said = sorted(Path(usage_errors.name).glob("rank*.txt"))
+        if err.exit_code == 2 and said:
+            raise UsageError(said[0].read_text(encoding="utf-8")) from None
+        print(f"04_ddp: rank {err.error_index} {how_it_ended(err.exit_code)}; the other "
+              f"ranks were stopped", file=sys.stderr)
+        sys.exit(err.exit_code if err.exit_code > 0 else 128 - err.exit_code)
     except mp.ProcessRaisedException as err:
         print(f"04_ddp: rank {err.error_index} failed:\n{err}", file=sys.stderr)
         sys.exit(1)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        usage_errors.cleanup()
+
+
+def how_it_ended(exit_code: int) -> str:
+    """A rank's end in words; a negative exit code is the signal that killed it."""
+    if exit_code >= 0:
+        return f"exited with status {exit_code}"
+    try:
+        name = signal.Signals(-exit_code).name
+    except ValueError:
+        name = f"signal {-exit_code}"
+    if name == "SIGKILL":
+        return ("was killed by SIGKILL (sent by a user or a scheduler, or by the kernel's "
+                "OOM killer when host memory runs out: see `dmesg`)")
+    return f"was killed by {name}"
+
+
+def launcher_gone() -> str | None:
+    """Why this rank is being stopped, when the reason is that the --nproc launcher died:
+    its ranks then get SIGINT from the kernel (PR_SET_PDEATHSIG), which is no Ctrl-C."""
+    launcher = os.environ.get("LAB_LAUNCHER_PID")
+    if os.environ.get("LAB_LAUNCHER") != "spawn" or not launcher:
+        return None
+    if os.getppid() == int(launcher):
+        return None
+    return (f"the --nproc launcher (pid {launcher}) died before the run ended (killed, "
+            f"perhaps by SIGKILL or the OOM killer), so its ranks were stopped")
 
 
 def _rank(local_rank: int, main: Callable[[], None], nproc: int, threads: int,
-          usage_errors) -> None:
+          usage_errors: str) -> None:
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank),
                       WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
-                      GROUP_WORLD_SIZE="1", LAB_LAUNCHER="spawn")
+                      GROUP_WORLD_SIZE="1", LAB_LAUNCHER="spawn",
+                      LAB_LAUNCHER_PID=str(os.getppid()))
     torch.set_num_threads(threads)
     try:
-        main()
+        _main_with_plain_rendezvous_errors(main)
     except UsageError as err:
-        usage_errors.put(str(err))
+        Path(usage_errors, f"rank{local_rank}.txt").write_text(str(err), encoding="utf-8")
         sys.exit(2)
 
 

@@ -15,6 +15,7 @@ import math
 import re
 import signal
 import sys
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from labs import envinfo, files, train
+from labs import envinfo, files, launch, train
 from labs.cli import command_line
 from labs.compat import OutOfMemoryError
 from labs.contract import (  # noqa: F401 - re-exported for the steps and older callers
@@ -127,7 +128,9 @@ class Run:
             self._fail(meter, peers, Outcome("oom", 3, f"{reason}. ({first_line})"))
         except (KeyboardInterrupt, Interrupted) as err:
             code = 143 if isinstance(err, Interrupted) else 130
-            self._fail(meter, peers, Outcome("interrupted", code, str(err) or "Ctrl-C"))
+            orphaned = launch.launcher_gone()
+            self._fail(meter, peers, Outcome("failed", code, orphaned) if orphaned else
+                       Outcome("interrupted", code, str(err) or "Ctrl-C"))
         except Exception as err:
             self._fail(meter, peers, Outcome("failed", 1, f"{type(err).__name__}: {err}"),
                        reraise=True)
@@ -143,7 +146,15 @@ class Run:
         meter.flush()
         rank = failed_rank = peers.rank if peers is not None else 0
         if not self.writer and peers is not None:
-            peers.tell(outcome)
+            lost = peers.writer_lost()
+            if lost is None:
+                peers.tell(outcome)
+            else:  # rank 0 died (and its store with it): the lowest live rank records the run
+                self.writer = True
+                self.record["environment"] = envinfo.collect()
+                failed_rank, outcome = lost, Outcome(
+                    "failed", outcome.exit_code, peers.death_reason(lost))
+                reraise = False
         elif peers is not None and outcome.status in ("failed", "interrupted"):
             # A peer that failed first (out of memory, say) is why this rank's collective
             # broke or its launcher stopped it: record the peer's reason, not the echo.
@@ -155,8 +166,8 @@ class Run:
         self.record["failure"] = {"reason": outcome.reason, "rank": failed_rank}
         if self.writer:
             if self.record["world"].get("world_size", 1) > 1:
-                self.note("The run stopped early; the metrics are rank 0's alone, as the "
-                          "other ranks could not be reached.")
+                self.note(f"The run stopped early; the metrics are rank {rank}'s alone, as "
+                          f"the other ranks could not be reached.")
             self.write([meter.rank_summary(rank)], status=outcome.status)
             where = f" on rank {failed_rank}" if failed_rank != rank else ""
             print(f"\n{self.lab}: {outcome.status}{where}: {outcome.reason}\n"
@@ -182,9 +193,37 @@ class Run:
         self.record.update(status=status, finished_at=utc_now(), metrics=metrics)
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         name = f"{self.lab}_{_safe_name(self.run_name)}_{stamp}_{self.run_id}.json"
-        self.path = write_json_atomic(_json_safe(self.record), self.results_dir / name,
-                                      overwrite=False)
+        try:
+            self.path = write_json_atomic(_json_safe(self.record), self.results_dir / name,
+                                          overwrite=False)
+        except OSError as err:  # the disk filled up or turned read-only during the run
+            self.path = self._save_elsewhere(name, err)
+            if status == "ok":  # a failed run exits with its own status after this
+                from labs import console
+
+                console.print_summary(self.record, self.path or "(printed above)")
+                raise SystemExit(1) from None
         return self.path
+
+    def _save_elsewhere(self, name: str, err: OSError) -> Path | None:
+        """The measurements must survive a results folder that cannot take them: the
+        system's temporary folder, or else the JSON itself on stdout. One line says where."""
+        text = json.dumps(_json_safe(self.record), indent=2, allow_nan=False, default=str)
+        problem = (f"{self.lab}: cannot write the result to {self.results_dir}: "
+                   f"{err.strerror or err}")
+        try:
+            path = files.write_atomic(Path(tempfile.gettempdir()) / name, text + "\n",
+                                      overwrite=False)
+        except OSError:
+            print(f"{self.lab}-result-json-begin\n{text}\n{self.lab}-result-json-end",
+                  flush=True)
+            print(f"{problem}; the result is printed above as JSON (between the "
+                  f"{self.lab}-result-json lines): save it into the results folder",
+                  file=sys.stderr, flush=True)
+            return None
+        print(f"{problem}; saved it to {path} instead: move it into the results folder",
+              file=sys.stderr, flush=True)
+        return path
 
 
 def one_process_world(devices: list[torch.device]) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
 from typing import Callable, ContextManager
 
@@ -21,6 +22,10 @@ from tqdm import tqdm
 from labs import faults
 from labs.errors import UsageError
 from labs.measure import Meter
+
+# tqdm's default lock is a multiprocessing semaphore; a rank killed by SIGKILL leaves it
+# behind and the launcher's resource tracker warns about it. One process, one thread lock.
+tqdm.set_lock(threading.RLock())
 
 # The compute-only probe (04): enough steps for a median, few enough to cost seconds.
 COMPUTE_ONLY_STEPS = 10
