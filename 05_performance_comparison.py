@@ -14,10 +14,14 @@ size, per-device batch, precision, layout, compile setting, data and device):
 N is the number of GPUs DataParallel splits each batch over, or the DDP world size.
 Beside the report goes a CSV of its main table (same name, .csv); with --generate-plots
 every figure is also saved as a PNG. Files that are not valid results are listed in the
-report with the reason, never fatal.
+report with the reason, never fatal. An existing file is replaced only when it is 05's own
+output (a previous report, its CSV or figures); anything else is refused with exit status
+2. A disk that fails while the report is written (full, read-only) ends with one line and
+exit status 1, the previous report left as it was.
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 from labs import cli, files
@@ -58,7 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)  # bad input: one line, exit status 2, nothing written
-    out = output.plan(args.output_report)  # an unwritable path fails now, not at the end
+    # An unwritable folder, or a report or CSV that is not 05's own, fails now, not at the end.
+    out = output.plan(args.output_report, args.results_dir)
 
     # 1. Load: every *.json file; a bad one is listed with its reason, never fatal.
     folder = loading.load_folder(args.results_dir)
@@ -80,11 +85,13 @@ def main(argv=None) -> None:
     else:
         text = render.markdown(context, {f.key: out.png(f.key).name for f in to_save})
 
-    # 5. Write, each file atomically: the figures, the table's CSV, then the report.
+    # 5. Write, each file atomically: the figures, the table's CSV, then the report. Every
+    #    target was checked first: nothing is written when one of them is not 05's own.
+    out.check_pngs(f.key for f in to_save)
     for figure in to_save:
-        files.write_atomic(out.png(figure.key), figure.png)
-    files.write_atomic(out.csv, render.csv(table))
-    files.write_atomic(out.report, text)
+        write(out.png(figure.key), figure.png)
+    write(out.csv, render.csv(table))
+    write(out.report, text)
 
     print(f"report   {out.report}\ntable    {out.csv}")
     if args.generate_plots:
@@ -93,6 +100,21 @@ def main(argv=None) -> None:
           f"{len(folder.unfinished)} unfinished, {len(folder.skipped)} file(s) skipped")
     for name, reason in folder.skipped:
         print(f"skipped  {name}: {reason}")
+    for name, parts in folder.parts_skipped.items():
+        print(f"partly   {name}: {len(parts)} part(s) skipped, each named in the report's "
+              f"Environment section")
+
+
+def write(path: Path, content) -> None:
+    """``files.write_atomic``; a disk that fails (full, read-only, gone) ends 05 with one
+    line and exit status 1. The atomic writer has removed its temporary file, and the
+    file at ``path`` is as it was: files written before it are complete."""
+    try:
+        files.write_atomic(path, content)
+    except OSError as err:
+        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: cannot write {path}: "
+                         f"{err.strerror or err}; {path.name} is left as it was\n")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +42,30 @@ class Loaded:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _json_int(text: str) -> int | float:
+    """An integer of a JSON file. One with more than 18 digits is no count this lab writes:
+    it becomes a float (``inf`` past 1e308), which every reader treats as "not a usable
+    number", instead of an int that overflows the first float conversion."""
+    return int(text) if len(text.lstrip("-")) <= 18 else float(text)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _no_lone_surrogates(value):
+    """``value`` with every lone surrogate (``"\\ud800"`` in the JSON text: valid JSON, but
+    no character) replaced by U+FFFD: such a string cannot be encoded as UTF-8, so it would
+    stop whatever writes or draws it."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_no_lone_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {_no_lone_surrogates(k): _no_lone_surrogates(v) for k, v in value.items()}
+    return value
 
 
 def validate_run(record: dict) -> list[str]:
@@ -78,6 +104,86 @@ def validate_run(record: dict) -> list[str]:
     return problems
 
 
+# --- step 01's probes: every measured point checked, a malformed one left out -------------
+
+# probe name -> (where its list of entries is, {field: what it must be}). Every field is
+# required: a point without its time or its bandwidth measures nothing.
+PROBE_ENTRIES = {
+    "matmul": (("probes", "matmul"),
+               {"size": "count", "time_s": "seconds", "tflops": "rate"}),
+    "copy_bandwidth": (("probes", "copy_bandwidth"),
+                       {"size_bytes": "count", "gb_s": "rate"}),
+    "allreduce": (("probes", "allreduce", "results"),
+                  {"size_bytes": "count", "time_s": "seconds", "algbw_gb_s": "rate",
+                   "busbw_gb_s": "rate", "correct": "bool"}),
+}
+# Beyond these a value is no measurement: a message of a petabyte, a probe of 11 days,
+# a million GB/s or TFLOP/s.
+_LIMITS = {"count": 2**50, "seconds": 1e6, "rate": 1e6}
+_TYPE_NAMES = {str: "a string", list: "a list", dict: "an object", bool: "a boolean"}
+
+
+def _type_name(value) -> str:
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def _field_problem(value, kind: str) -> str | None:
+    """Why ``value`` is not a valid ``kind`` ("count", "seconds", "rate", "bool")."""
+    if value is None:
+        return "is null"
+    if kind == "bool":
+        return None if isinstance(value, bool) else \
+            f"is {_type_name(value)}{_shown(value)}, not true or false"
+    if not _is_number(value):
+        return f"is {_type_name(value)}{_shown(value)}, not a number"
+    if not math.isfinite(value):
+        return f"is not a finite number ({value})"
+    if value < 0:
+        return f"is negative ({value:g})"
+    if value == 0:
+        return "is zero"
+    if value > _LIMITS[kind]:
+        return f"is implausibly large ({value:g})"
+    if kind == "count" and value != int(value):
+        return f"is not a whole number ({value:g})"
+    return None
+
+
+def _shown(value) -> str:
+    return f" ({value!r})" if isinstance(value, str) and len(value) <= 20 else ""
+
+
+def clean_probes(record: dict) -> list[tuple[str, str]]:
+    """Remove from step 01's environment ``record``, in place, every probe entry with a
+    missing or malformed number, and say why: a list of (probe name, sentence naming the
+    entry, e.g. ``probes.allreduce.results[3] skipped: busbw_gb_s is null``). What is
+    left is safe to compute with. A probe that is not a list of entries is left as it is
+    (the report says it is not readable)."""
+    skipped = []
+    for name, (where, fields) in PROBE_ENTRIES.items():
+        holder = record
+        for key in where[:-1]:
+            holder = holder.get(key) if isinstance(holder, dict) else None
+        entries = holder.get(where[-1]) if isinstance(holder, dict) else None
+        if not isinstance(entries, list):
+            continue
+        kept = []
+        for i, entry in enumerate(entries):
+            if isinstance(entry, dict):
+                problems = [f"{field} {why}" if field in entry else f"no {field}"
+                            for field, kind in fields.items()
+                            for why in [_field_problem(entry.get(field), kind)] if why]
+            else:
+                problems = [f"not an object ({_type_name(entry)})"]
+            if problems:
+                skipped.append((name, f"{'.'.join(where)}[{i}] skipped: "
+                                      + "; ".join(problems)))
+            else:
+                kept.append(entry)
+        holder[where[-1]] = kept
+    return skipped
+
+
 def load_result(path: Path) -> Loaded:
     """Read one file of the results folder as JSON only (nothing is executed or unpickled)
     and check it against the contract."""
@@ -86,7 +192,10 @@ def load_result(path: Path) -> Loaded:
         size = path.stat().st_size
         if size > MAX_RESULT_BYTES:
             return Loaded(path, None, f"too large to be a result file ({size:,} bytes)")
-        record = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        record = json.loads(text, parse_int=_json_int)
+        if _ESCAPED_SURROGATE.search(text):
+            record = _no_lone_surrogates(record)
     except UnicodeDecodeError:
         return Loaded(path, None, "not text (binary file)")
     except json.JSONDecodeError as err:

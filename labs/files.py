@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -47,6 +48,15 @@ def write_atomic(path: Path, content: Content, *, overwrite: bool = True) -> Pat
             os.unlink(tmp)
         raise
     return path
+
+
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")  # the names _create_hidden_beside makes
+
+
+def is_temporary(name: str) -> bool:
+    """A file name of write_atomic's hidden temporary files (one an interrupted write
+    can leave behind)."""
+    return bool(_TEMPORARY.match(name))
 
 
 def _create_hidden_beside(path: Path) -> tuple[int, str]:

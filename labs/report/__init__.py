@@ -10,5 +10,6 @@ torch-free labs.contract, labs.fmt, labs.files and labs.bandwidth.
     environment  step 01's environment file and the machines the runs name
     plots        the figures (matplotlib, Agg)
     render       HTML (jinja2, autoescaped), Markdown and CSV
-    output       where the files go, written atomically (labs.files)
+    output       where the files go, written atomically (labs.files), never over a file
+                 that 05 did not write
 """

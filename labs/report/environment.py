@@ -170,15 +170,28 @@ def allreduce_table(probe) -> dict:
 PROBES = {"matmul": matmul_table, "copy_bandwidth": copy_table, "allreduce": allreduce_table}
 
 
-def probe_tables(record: dict) -> list[dict]:
+SKIPPED_SHOWN = 5  # malformed points named per probe; the rest are counted
+
+
+def _skipped_lines(reasons: list[str]) -> list[str]:
+    lines = list(reasons[:SKIPPED_SHOWN])
+    if len(reasons) > SKIPPED_SHOWN:
+        lines.append(f"… and {len(reasons) - SKIPPED_SHOWN} more malformed entries skipped.")
+    return lines
+
+
+def probe_tables(record: dict, skipped=()) -> list[dict]:
     """Step 01's probes of an environment file as tables; anything missing or odd reads as
-    a short sentence, never an error."""
+    a short sentence, never an error. ``skipped``: the (probe, why) pairs of the entries
+    ``labs.contract.clean_probes`` left out of this file, each shown under its probe."""
     probes = record.get("probes")
     if probes is None:
         return [_probe("Probes", missing="not measured (step 01 ran with --quick)")]
     if not isinstance(probes, dict):
         return [_unreadable("Probes", probes)]
     tables = [draw(probes.get(name)) for name, draw in PROBES.items()]
+    for (name, _), table in zip(PROBES.items(), tables):
+        table["lines"] += _skipped_lines([why for probe, why in skipped if probe == name])
     others = [str(name) for name in probes if name not in PROBES]
     if others:
         tables.append(_probe("Other probes", missing=f"recorded but not shown here: "
@@ -207,7 +220,7 @@ def allreduce_series(records: list[dict], label_of) -> tuple[list[dict], str | N
                 points.append((size, bus, num(r.get("algbw_gb_s")), num(r.get("time_s")),
                                r.get("correct") is not False))
         if points:
-            points.sort()
+            points.sort(key=lambda p: p[:2])  # by size; None in later fields cannot compare
             world = dig(probe, "world_size")
             backend = dig(probe, "backend")
             extra = ", ".join(str(x) for x in (backend, f"{world} ranks" if world else None)
