@@ -36,6 +36,7 @@ def main() -> None:
     sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(args.seed))
     num_workers = data.default_num_workers(args)
     loader = data.build_loader(dataset, args, sampler, device, args.batch_size, num_workers)
+    val_loader = data.build_val_loader(args, device, num_workers)  # None with --no-eval
     steps = train.steps_per_epoch(len(loader), args.grad_accum_steps, args.steps_per_epoch)
     train.check_schedule(steps, args.epochs, args.warmup_steps, f"{len(dataset)} images")
 
@@ -52,6 +53,7 @@ def main() -> None:
     trainer = train.Trainer(model, optimizer, device, amp=amp,
                             channels_last=args.channels_last,
                             grad_accum_steps=args.grad_accum_steps, meter=meter,
+                            lr_warmup_steps=train.lr_warmup_steps(args, steps),
                             steps_per_epoch=steps, epochs=args.epochs)
     run = results.Run(LAB, args, strategy="single",
                       world=results.one_process_world([device]),
@@ -63,6 +65,7 @@ def main() -> None:
     with run.guard(meter):  # OOM, Ctrl-C or a crash still writes a result with its status
         for epoch in range(args.epochs):
             trainer.train_one_epoch(loader, epoch)
+            trainer.evaluate(val_loader, epoch)  # accuracy; timed apart from training
 
     path = run.write([meter.rank_summary()])
     console.print_summary(run.record, path)

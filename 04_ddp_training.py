@@ -52,6 +52,8 @@ def main() -> None:
                                  drop_last=True)  # DDP: its own 1/N of every epoch
     num_workers = data.default_num_workers(args, ranks.local_world_size)  # DDP: cores/rank
     loader = data.build_loader(dataset, args, sampler, device, args.batch_size, num_workers)
+    val_loader = data.build_val_loader(args, device, num_workers,  # DDP: this rank's share
+                                       shard=(ranks.rank, ranks.world_size))  # DDP: no repeats
     steps = train.steps_per_epoch(len(loader), args.grad_accum_steps, args.steps_per_epoch)
     train.check_schedule(steps, args.epochs, args.warmup_steps, f"{len(dataset)} images")
 
@@ -74,8 +76,10 @@ def main() -> None:
     trainer = train.Trainer(model, optimizer, device, amp=amp,
                             skip_grad_sync=model.no_sync,  # DDP: no all-reduce mid-accumulation
                             show_progress=master_process,  # DDP: one progress bar, rank 0's
+                            reduce_sum=distributed.all_reduce_sum,  # DDP: counts of all ranks
                             channels_last=args.channels_last,
                             grad_accum_steps=args.grad_accum_steps, meter=meter,
+                            lr_warmup_steps=train.lr_warmup_steps(args, steps),
                             steps_per_epoch=steps, epochs=args.epochs)
     resumed = distributed.resume(args, raw_model, optimizer, trainer.scaler, device)  # DDP:
     run = results.Run(LAB, args, strategy="ddp", writer=master_process,  # DDP: rank 0 writes
@@ -91,6 +95,8 @@ def main() -> None:
         for epoch in range(resumed.start_epoch, args.epochs):  # DDP: after a checkpoint
             sampler.set_epoch(epoch)  # DDP: a different shuffle every epoch, same on all ranks
             trainer.train_one_epoch(loader, epoch)
+            distributed.broadcast_buffers(raw_model)  # DDP: all evaluate rank 0's BN statistics
+            trainer.evaluate(val_loader, epoch)  # accuracy; timed apart from training
             if master_process and distributed.checkpoint_due(  # DDP: rank 0 saves the
                     epoch, args.checkpoint_every):  # DDP: unwrapped model, every N epochs
                 distributed.save_checkpoint(args.checkpoint_dir, epoch + 1, raw_model,  # DDP:

@@ -22,7 +22,10 @@ from labs.contract import LAB_NAMES
 from labs.errors import UsageError
 
 AMP_CHOICES = ("auto", "off", "fp16", "bf16")
-DATA_CHOICES = ("synthetic", "fake", "imagefolder", "cifar10")
+DATA_CHOICES = ("synthetic", "fake", "imagefolder", "cifar10", "shapes")
+# Data whose labels mean something: evaluated every epoch unless --no-eval.
+EVAL_DATA = ("shapes", "imagefolder", "cifar10")
+DEFAULT_TARGET_ACCURACY = 0.5  # --target-accuracy when evaluating
 COMM_HOOKS = ("none", "fp16", "bf16", "powersgd")
 BACKENDS = ("auto", "nccl", "gloo")
 
@@ -43,8 +46,9 @@ DEFAULTS = {
     "compile": False,
     "warmup_steps": 10,
     "grad_accum_steps": 1,
-    "lr": None,  # None: 0.1 x global batch / 256 (Goyal et al., 2017)
+    "lr": None,  # None: 0.1 x global batch / 256 (Goyal et al., 2017), with linear warmup
     "seed": 0,
+    "val_size": 512,  # validation images (shapes; a cap for real data)
 }
 
 # Named settings. `smoke` runs a step in seconds on a 2-core CPU; `cpu` is the smallest
@@ -72,6 +76,15 @@ PRESETS = {
         "warmup_steps": 3,
     },
     "full": {},  # the lab's defaults: ResNet-50 at 224
+}
+
+# A preset's settings for one data source, over the preset's own. `--data shapes` is
+# there to learn: smoke trains on whole epochs of 1,024 images (5 epochs of 32-image
+# steps, under half a minute on 2 CPU cores), enough for ResNet-18 to get well above
+# chance; random data needs no more than a few steps to be timed.
+PRESET_DATA = {
+    ("smoke", "shapes"): {"batch_size": 32, "epochs": 5, "steps_per_epoch": None,
+                          "dataset_size": 1_024},
 }
 
 
@@ -112,6 +125,18 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be greater than zero, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """A fraction in (0, 1], such as an accuracy."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction above 0 and at most 1 "
+                                         f"(0.5 = 50%), got {text!r}")
     return value
 
 
@@ -164,12 +189,26 @@ def build_parser(lab: str, description: str | None = None) -> argparse.ArgumentP
                       help="synthetic: random images resident on the device (no input "
                            "pipeline); fake: torchvision FakeData through a DataLoader with "
                            "ImageNet augmentations; imagefolder/cifar10: local files under "
-                           f"--data-dir, never downloaded (default: {d['data']})")
+                           "--data-dir, never downloaded; shapes: coloured shapes computed "
+                           "from --seed, a task a model can learn (accuracy, time to "
+                           f"accuracy) with no download (default: {d['data']})")
     data.add_argument("--data-dir", type=Path, metavar="PATH",
                       help="folder with the data set for --data imagefolder or cifar10")
     data.add_argument("--dataset-size", type=positive_int, metavar="N",
                       help=f"images per epoch for synthetic/fake data, a cap for real data "
                            f"(default: {d['dataset_size']})")
+    data.add_argument("--val-size", type=positive_int, metavar="N",
+                      help=f"validation images: the held-out split of --data shapes, a cap "
+                           f"for real data (default: {d['val_size']})")
+    data.add_argument("--eval", action=argparse.BooleanOptionalAction, default=None,
+                      help="top-1 accuracy and loss on the validation split after every "
+                           "epoch, timed apart from training (default: on for shapes, "
+                           "imagefolder and cifar10; off for synthetic and fake, whose "
+                           "labels are random)")
+    data.add_argument("--target-accuracy", type=_fraction, metavar="F",
+                      help=f"validation accuracy (0-1) whose training time the result "
+                           f"records as time to accuracy (default: "
+                           f"{DEFAULT_TARGET_ACCURACY} when evaluating)")
     data.add_argument("--num-workers", type=non_negative_int, metavar="N",
                       help="DataLoader worker processes (default: from the CPU count; "
                            "synthetic data uses none)")
@@ -256,9 +295,15 @@ def _add_ddp_options(parser: argparse.ArgumentParser) -> None:
 def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
     """Fill options left unset: first from the preset, then from DEFAULTS."""
     preset = PRESETS.get(args.preset or "full", {})
+    data = args.data or preset.get("data", DEFAULTS["data"])
+    preset = {**preset, **PRESET_DATA.get((args.preset or "full", data), {})}
     for name, default in DEFAULTS.items():
         if getattr(args, name, None) is None:
             setattr(args, name, preset.get(name, default))
+    if getattr(args, "eval", None) is None:  # parsers of other tools may lack the flag
+        args.eval = args.data in EVAL_DATA
+    if getattr(args, "target_accuracy", None) is None:
+        args.target_accuracy = DEFAULT_TARGET_ACCURACY if args.eval else None
     args.channels_last = bool(args.channels_last)
     args.compile = bool(args.compile)
     return args

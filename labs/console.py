@@ -52,10 +52,28 @@ def print_summary(record: dict, path, stream=sys.stdout) -> None:
     lines.append(f"host RSS     {gib(metrics.get('host_peak_rss_bytes'))} peak")
     if metrics.get("final_loss") is not None:
         lines.append(f"final loss   {metrics['final_loss']:.4f}")
+    lines += _accuracy_lines(cfg, metrics)
     for note in record.get("notes", []):
         lines.append(f"note         {note}")
     lines.append(f"result       {path}")
     print("\n".join(lines), file=stream, flush=True)
+
+
+def _accuracy_lines(cfg: dict, metrics: dict) -> list[str]:
+    """Validation accuracy per epoch and the training time to the target, when evaluated."""
+    evals = [e for e in metrics.get("eval") or [] if e.get("accuracy") is not None]
+    if not evals:
+        return []
+    last = evals[-1]
+    lines = ["accuracy     " + ", ".join(f"{100 * e['accuracy']:.1f}%" for e in evals)
+             + f" top-1 by epoch ({last['samples']} validation images; evaluation took "
+               f"{sum(e['eval_time_s'] for e in evals):.1f} s, outside every training time)"]
+    target, reached = cfg.get("target_accuracy"), metrics.get("time_to_accuracy_s")
+    if target is not None:
+        label = f"to {100 * target:g}%"
+        lines.append(f"{label:<13}" + (f"{reached:.1f} s of training to reach it"
+                                       if reached is not None else "not reached"))
+    return lines
 
 
 def warn_if_slow_on_cpu(device, preset: str | None, show: bool = True) -> None:

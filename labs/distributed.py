@@ -203,6 +203,28 @@ def all_gather(obj) -> list:
     return gathered
 
 
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over every rank, in place (04 hands it to the Trainer to add up
+    the validation counts: each rank evaluated its own share of the images)."""
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Rank 0's buffers (batch-norm running statistics) to every rank, one broadcast per
+    dtype. Each rank's statistics come from its own batches (unless --broadcast-buffers):
+    without this, every rank would evaluate a slightly different model. The weights are
+    the same on every rank already; rank 0's model is also the one checkpoints save."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for buffer in model.buffers():
+        by_dtype.setdefault(buffer.dtype, []).append(buffer)
+    for buffers in by_dtype.values():
+        flat = torch.cat([b.detach().reshape(-1) for b in buffers])
+        dist.broadcast(flat, src=0)
+        for buffer, value in zip(buffers, flat.split([b.numel() for b in buffers])):
+            buffer.data.copy_(value.view_as(buffer))
+
+
 # --- checkpoints ------------------------------------------------------------------------
 
 def save_checkpoint(folder: Path, epoch: int, model, optimizer, scaler) -> Path:

@@ -11,7 +11,10 @@ Rules (docs/results_format.md says what each resulting number means):
 - summaries are medians with p10/p90, not one mean;
 - after training, 04 can time a few more steps with the gradient all-reduce switched off
   (``start_compute_only``): the same work without communication, kept apart, so that
-  synced minus compute-only is the communication DDP failed to hide.
+  synced minus compute-only is the communication DDP failed to hide;
+- evaluation (``start_eval`` / ``end_eval``, between epochs) is timed on its own and never
+  enters a step, an epoch or the throughput: the next step's time starts when the
+  evaluation ends, and the training time to an accuracy counts the epochs only.
 
 ``Meter`` collects one process's raw numbers into a plain dict (``rank_summary``);
 ``combine`` turns the dicts of every rank into the ``metrics`` block of a result file.
@@ -190,6 +193,8 @@ class Meter:
         self.loss_per_epoch: list[float] = []
         self.measured_data_wait_s = 0.0
         self.compute_only_times: list[float] = []
+        self.evals: list[dict] = []
+        self._eval_started: float | None = None
         self._probe_warmup_left: int | None = None  # None: training steps, not the probe
         self._pending: list[tuple] = []
         self._last_mark = None
@@ -226,6 +231,23 @@ class Meter:
         self.steps_done += 1
         if self.steps_done == self.warmup_steps:
             self._warmup_done()
+
+    def start_eval(self) -> None:
+        """An evaluation starts (between epochs): from here nothing is training."""
+        self._eval_started = time.perf_counter()
+
+    def end_eval(self, epoch: int, *, accuracy: float | None, loss: float | None,
+                 samples: int) -> dict:
+        """File one evaluation: after ``epoch`` epochs, with the training wall time so far
+        (the epochs alone) and the evaluation's own time. The step clock restarts here,
+        so the next step does not carry the evaluation."""
+        entry = {"epoch": epoch, "accuracy": accuracy, "loss": loss, "samples": samples,
+                 "elapsed_s": float(sum(self.epoch_times)),
+                 "eval_time_s": time.perf_counter() - (self._eval_started or 0.0)}
+        self.evals.append(entry)
+        self._eval_started = None
+        self._last_mark = self.clock.mark()
+        return entry
 
     def start_compute_only(self, warmup_steps: int) -> None:
         """Steps from here on belong to the compute-only probe: timed, but kept apart from
@@ -319,6 +341,7 @@ class Meter:
             "measured_data_wait_s": self.measured_data_wait_s,
             "epoch_time_s": list(self.epoch_times),
             "loss_per_epoch": list(self.loss_per_epoch),
+            "eval": [dict(e) for e in self.evals],
             "warmup_steps": self.warmup_steps,
             "per_device": per_device,
             "host_peak_rss_bytes": host_peak_rss_bytes(self.sampler.rss_peak),
@@ -331,7 +354,8 @@ def slowest_rank(ranks: list[dict], key: str, steps: int) -> dict:
     return max(ranks, key=lambda r: sum(r[key][:steps]))
 
 
-def combine(ranks: list[dict]) -> tuple[dict, list[str]]:
+def combine(ranks: list[dict], target_accuracy: float | None = None
+            ) -> tuple[dict, list[str]]:
     """The ``metrics`` block of a result from every rank's summary, and notes about it.
 
     Every DDP step ends in a collective, so the job goes at the pace of its slowest rank.
@@ -379,6 +403,7 @@ def combine(ranks: list[dict]) -> tuple[dict, list[str]]:
     metrics["loss_per_epoch"] = [float(np.mean([r["loss_per_epoch"][e] for r in ranks]))
                                  for e in range(n_losses)]
     metrics["final_loss"] = metrics["loss_per_epoch"][-1] if n_losses else None
+    metrics.update(_evaluation(ranks, target_accuracy, notes))
     metrics["per_device"] = [d for r in ranks for d in r["per_device"]]
     metrics["host_peak_rss_bytes"] = max(r["host_peak_rss_bytes"] for r in ranks)
     metrics["per_rank"] = [
@@ -394,6 +419,33 @@ def combine(ranks: list[dict]) -> tuple[dict, list[str]]:
             if note not in notes:
                 notes.append(note)
     return metrics, notes
+
+
+def _evaluation(ranks: list[dict], target: float | None, notes: list[str]) -> dict:
+    """``eval`` (one entry per evaluation), ``final_accuracy`` and ``time_to_accuracy_s``.
+    Every rank holds the same counts (added up over ranks), so the accuracies are rank 0's;
+    the times are the longest over ranks, as for epochs."""
+    evals = [dict(e) for e in ranks[0].get("eval") or []]
+    for i, entry in enumerate(evals):
+        for key in ("elapsed_s", "eval_time_s"):
+            entry[key] = max(float(r["eval"][i][key]) for r in ranks
+                             if len(r.get("eval") or []) > i)
+    final = evals[-1]["accuracy"] if evals else None
+    reached = next((e for e in evals if e["accuracy"] is not None and target is not None
+                    and e["accuracy"] >= target), None)
+    if not evals:
+        notes.append("No evaluation (--no-eval, or synthetic/fake data whose labels are "
+                     "random): no accuracy and no time to accuracy.")
+    elif target is None:
+        notes.append("No --target-accuracy: no time to accuracy.")
+    elif reached is None:
+        best = max(evals, key=lambda e: e["accuracy"] or 0)
+        notes.append(f"Validation accuracy never reached the target of {100 * target:g}% "
+                     f"(best {100 * (best['accuracy'] or 0):.1f}% after epoch "
+                     f"{best['epoch']}): time_to_accuracy_s is null; train longer or lower "
+                     f"--target-accuracy.")
+    return {"eval": evals, "final_accuracy": final,
+            "time_to_accuracy_s": reached["elapsed_s"] if reached else None}
 
 
 def _compute_only(ranks: list[dict], step_time: dict | None) -> dict:

@@ -62,6 +62,17 @@ def _ignore_signal(signum, frame) -> None:
     """Installed while a failed run writes its result: the write must finish."""
 
 
+def _shared_run_id() -> str:
+    """A new run id; under DDP rank 0's, on every rank (a collective: every rank creates
+    its Run at the same point), so that any rank can find the run's file."""
+    import torch.distributed as dist
+
+    run_id = [uuid.uuid4().hex[:12]]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(run_id, src=0)
+    return run_id[0]
+
+
 class Interrupted(Exception):
     """SIGTERM, turned into an exception so the guard can write what was measured."""
 
@@ -81,7 +92,7 @@ class Run:
         self.lab = lab
         self.writer = writer
         self.results_dir = Path(args.results_dir)
-        self.run_id = uuid.uuid4().hex[:12]
+        self.run_id = _shared_run_id()
         default_name = f"{args.model}-b{config.get('global_batch_size')}-{config.get('amp')}"
         self.run_name = args.run_name or default_name
         self.notes: list[str] = []
@@ -149,6 +160,8 @@ class Run:
             lost = peers.writer_lost()
             if lost is None:
                 peers.tell(outcome)
+            elif any(self.results_dir.glob(f"*_{self.run_id}.json")):
+                pass  # rank 0 recorded the run before it ended: nothing to take over
             else:  # rank 0 died (and its store with it): the lowest live rank records the run
                 self.writer = True
                 self.record["environment"] = envinfo.collect()
@@ -185,7 +198,8 @@ class Run:
 
         if not self.writer:
             return None
-        metrics, notes = combine(rank_summaries)
+        metrics, notes = combine(rank_summaries,
+                                 target_accuracy=self.record["config"].get("target_accuracy"))
         for text in notes:
             self.note(text)
         if status == "ok" and not metrics["steps_measured"]:
@@ -255,11 +269,16 @@ def config_from_args(args, *, per_device_batch_size: int, global_batch_size: int
         "compile": args.compile,
         "tf32": torch.backends.cuda.matmul.allow_tf32,
         "lr": lr,
+        "lr_rule": train.lr_rule(args, global_batch_size, steps_per_epoch),
+        "lr_warmup_steps": train.lr_warmup_steps(args, steps_per_epoch),
         "optimizer": train.OPTIMIZER,
         "num_workers": num_workers,
         # CPU speed depends on it, so a baseline must match it (torchrun and --nproc
         # share the cores between ranks; a plain python run takes them all).
         "threads_per_process": torch.get_num_threads(),
         "seed": args.seed,
+        "eval": bool(args.eval),
+        "val_size": args.val_size if args.eval else None,
+        "target_accuracy": args.target_accuracy,
         **extra,
     }

@@ -4,7 +4,8 @@ The runner only starts the numbered scripts as a student would (each in its own
 process, its output shown live) and reads nothing but their exit status; the scripts
 themselves write the results and the report. Plans by hardware:
 
-- no GPU: smoke-sized model and data; 04 runs 2 processes over gloo;
+- no GPU: smoke-sized model on `--data shapes` (a task the model learns, so the report
+  shows accuracy and time to accuracy for every method); 04 runs 2 processes over gloo;
 - one GPU: the ResNet-50 baseline, DP and DDP at world size 1 (labelled as such: they
   measure overhead, not scaling);
 - N GPUs: the lab's own commands: 02 at batch 64, 03 at 64 x N on all GPUs, 04 under
@@ -106,10 +107,14 @@ def build_plan(args, gpu_count: int) -> Plan:
         # baseline matches DDP's threads per process and efficiency compares like with like.
         threads = {"OMP_NUM_THREADS": str(threads_per_rank(ranks))}
         env = {"02": threads, "03": threads}
+        # A learnable task, computed from the seed: the report can then show that the
+        # methods reach the same accuracy, and how long each takes to get there.
+        learn = ["--data", "shapes"]
         per_step = {
-            "02": [[python, script["02"], "--device", "cpu", *common]],
-            "03": [[python, script["03"], *common]],
-            "04": [[python, script["04"], "--nproc", str(ranks), "--device", "cpu", *common]],
+            "02": [[python, script["02"], "--device", "cpu", *learn, *common]],
+            "03": [[python, script["03"], *learn, *common]],
+            "04": [[python, script["04"], "--nproc", str(ranks), "--device", "cpu", *learn,
+                    *common]],
         }
     else:
         batch = 64

@@ -4,7 +4,9 @@ It knows nothing of DataParallel or DistributedDataParallel: the scripts wrap th
 before handing it over (DataParallel's own helpers are in ``labs.dp``). What DDP needs
 comes in as context-manager factories such as ``ddp_model.no_sync``: ``skip_grad_sync``
 skips the gradient all-reduce on the micro-steps of gradient accumulation, and
-``time_compute_only`` times extra steps inside one.
+``time_compute_only`` times extra steps inside one. ``evaluate`` adds up its counts with
+``reduce_sum`` when one is given (04: ``distributed.all_reduce_sum``), so that every
+validation image counts once over all ranks.
 """
 
 from __future__ import annotations
@@ -86,6 +88,27 @@ def default_lr(global_batch: int) -> float:
     return 0.1 * global_batch / 256  # linear scaling rule (Goyal et al., 2017)
 
 
+LR_WARMUP_SHARE = 0.05  # of the run's optimizer steps, for the default learning rate
+
+
+def lr_warmup_steps(args, steps_per_epoch: int) -> int:
+    """Steps of linear learning-rate warmup: 5% of the run (at least 1) with the default
+    learning rate, whose linear scaling rule grows it with the global batch and which a
+    fresh model cannot take at once (Goyal et al., 2017); none with --lr given."""
+    if args.lr:
+        return 0
+    return max(1, math.ceil(LR_WARMUP_SHARE * steps_per_epoch * args.epochs))
+
+
+def lr_rule(args, global_batch: int, steps_per_epoch: int) -> str:
+    """The learning-rate rule in words, for the result's config.lr_rule."""
+    if args.lr:
+        return "--lr given"
+    warmup = lr_warmup_steps(args, steps_per_epoch)
+    return (f"0.1 × global batch {global_batch} / 256, linear warmup over "
+            f"{warmup} step{'s' if warmup != 1 else ''}")
+
+
 def steps_per_epoch(batches_per_epoch: int, grad_accum_steps: int,
                     cap: int | None) -> int:
     steps = batches_per_epoch // grad_accum_steps
@@ -109,7 +132,8 @@ class Trainer:
                  device: torch.device, *, amp: str, channels_last: bool,
                  grad_accum_steps: int, meter: Meter, steps_per_epoch: int, epochs: int,
                  skip_grad_sync: Callable[[], ContextManager] | None = None,
-                 show_progress: bool = True):
+                 reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 lr_warmup_steps: int = 0, show_progress: bool = True):
         self.model = model
         self.optimizer = optimizer
         self.device = device
@@ -122,6 +146,9 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch
         self.epochs = epochs
         self.skip_grad_sync = skip_grad_sync
+        self.reduce_sum = reduce_sum
+        self.lr_warmup_steps = lr_warmup_steps
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self.show_progress = show_progress
         self.criterion = nn.CrossEntropyLoss()
         faults.install(self)  # LAB_FAULT (tests): crashes, OOMs and signals at a chosen step
@@ -161,7 +188,8 @@ class Trainer:
         progress = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}",
                         unit="step", disable=not self.show_progress, dynamic_ncols=True,
                         leave=True)
-        for _ in range(self.steps_per_epoch):
+        for i in range(self.steps_per_epoch):
+            self._set_lr(epoch * self.steps_per_epoch + i)
             self.step(batches, loss_sum)
             progress.update()
         mean_loss = loss_sum / self.steps_per_epoch
@@ -171,6 +199,45 @@ class Trainer:
         progress.close()
         del batches  # stop this epoch's workers before the next epoch starts its own
         return loss
+
+    def _set_lr(self, step: int) -> None:
+        """Linear warmup: step k (from 0, counted over the whole run, so a resumed run
+        continues where it was) uses (k + 1) / warmup of the base learning rate."""
+        if step > self.lr_warmup_steps:
+            return  # the base rate, set at the step that ends the warmup
+        factor = min(1.0, (step + 1) / self.lr_warmup_steps) if self.lr_warmup_steps else 1.0
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+
+    def evaluate(self, loader, epoch: int) -> dict | None:
+        """Top-1 accuracy and mean loss on the validation ``loader`` (None: no evaluation,
+        returns None): model.eval() under torch.no_grad(), with the training's autocast.
+        The counts of every rank are added up with ``reduce_sum``, so each validation
+        image counts once. Timed apart: the meter keeps it out of every training time."""
+        if loader is None:
+            return None
+        self.meter.start_eval()
+        self.model.eval()
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # right, loss, n
+        with torch.no_grad():
+            for images, labels in loader:
+                images = images.to(self.device, non_blocking=True,
+                                   memory_format=self.memory_format)
+                labels = labels.to(self.device, non_blocking=True)
+                with torch.autocast(self.device.type, dtype=self.dtype,
+                                    enabled=self.dtype is not None):
+                    logits = self.model(images)
+                loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+                totals += torch.stack([(logits.argmax(1) == labels).sum().double(),
+                                       loss.double(), labels.new_tensor(labels.numel())
+                                       .double()])
+        if self.reduce_sum is not None:
+            totals = self.reduce_sum(totals)
+        right, loss_sum, count = totals.tolist()  # one host sync
+        self.model.train()
+        return self.meter.end_eval(epoch + 1, accuracy=right / count if count else None,
+                                   loss=loss_sum / count if count else None,
+                                   samples=int(count))
 
     def time_compute_only(self, loader, inside: Callable[[], ContextManager],
                           steps: int = COMPUTE_ONLY_STEPS,

@@ -50,3 +50,13 @@ def results_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "results"
     folder.mkdir()
     return folder
+
+
+@pytest.fixture(scope="session")
+def whole_lab(tmp_path_factory):
+    """`python -m labs run` with no options, once per session, as a newcomer runs it:
+    (completed process, the folder it ran in). Several modules read its results."""
+    folder = tmp_path_factory.mktemp("whole-lab")
+    proc = subprocess.run([sys.executable, "-m", "labs", "run"], cwd=folder, env=lab_env(),
+                          capture_output=True, text=True, timeout=240)  # budget: 3 min
+    return proc, folder

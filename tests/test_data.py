@@ -164,7 +164,9 @@ def test_imagefolder(tmp_path, layout):
     make_image_folder(root / "train" if layout == "train-subfolder" else root)
     if layout == "train-subfolder":
         make_image_folder(root / "val", classes=("x", "y", "z", "w"), per_class=1)
-    args = parse("--data", "imagefolder", "--data-dir", str(root), "--num-classes", "2")
+    # --no-eval: every image trains (with --eval a flat folder lends some to validation)
+    args = parse("--data", "imagefolder", "--data-dir", str(root), "--num-classes", "2",
+                 "--no-eval")
     dataset = data.build_dataset(args, CPU)
     assert len(dataset) == 6
     assert dataset.classes == ["cat", "dog"]  # train/, not val/ nor the root itself
@@ -242,3 +244,164 @@ def test_default_num_workers_from_cores(cores, n_cores, processes, expected):
     args = parse("--data", "fake")
     args.num_workers = None  # the smoke preset sets 0; the full defaults leave it unset
     assert data.default_num_workers(args, processes_per_host=processes) == expected
+
+
+# --- shapes: a learnable task computed from the seed ------------------------------------------
+
+def fresh_shapes(*args, **kwargs) -> data.ShapesImages:
+    """Rendered anew: the per-process cache would hand back the very same tensors."""
+    data._shapes_split.cache_clear()
+    data._noise_pool.cache_clear()
+    return data.ShapesImages(*args, **kwargs)
+
+
+def test_shapes_same_seed_same_images_another_seed_other_images():
+    a = fresh_shapes(96, IMG, 10, seed=3)
+    b = fresh_shapes(96, IMG, 10, seed=3)
+    c = fresh_shapes(96, IMG, 10, seed=4)
+    assert a.images is not b.images  # really rendered twice
+    assert torch.equal(a.uint8_images(), b.uint8_images()) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.uint8_images(), c.uint8_images())
+    assert (a.uint8_images() != c.uint8_images()).float().mean() > 0.5  # not a few pixels
+
+
+def test_shapes_labels_balanced_and_images_normalised():
+    ds = fresh_shapes(103, IMG, 10, seed=0)
+    counts = torch.bincount(ds.labels, minlength=10)
+    assert counts.max() - counts.min() <= 1  # 103 images: three classes get 11
+    images, labels = ds.__getitems__([0, 5, 7])
+    assert_batch(images, labels, 3, 10)
+    assert images.min() < -1 and images.max() > 1  # (x - 0.5) / 0.25 of [0, 1] pixels
+    assert not torch.equal(images[0], images[1])
+
+
+def test_shapes_any_size_and_class_count():
+    ds = fresh_shapes(12, 48, 23, seed=1)  # 23 classes: 5 kinds x 5 colour families
+    image, label = ds[11]
+    assert image.shape == (3, 48, 48) and 0 <= int(label) < 23
+    assert int(ds.labels.max()) < 23
+
+
+def test_shapes_rendered_batch_by_batch_are_the_cached_images(monkeypatch):
+    cached = fresh_shapes(40, IMG, 10, seed=2)
+    assert cached.images is not None
+    monkeypatch.setattr(data, "SHAPES_CACHE_BYTES", 0)  # too large to keep: on the fly
+    on_the_fly = fresh_shapes(40, IMG, 10, seed=2)
+    assert on_the_fly.images is None
+    assert torch.equal(on_the_fly.uint8_images(), cached.images)
+    assert torch.equal(on_the_fly.__getitems__([3, 39])[0], cached.__getitems__([3, 39])[0])
+
+
+def test_shapes_training_and_validation_splits_never_share_a_stream_or_an_image():
+    streams = {data.shapes_stream(s, split) for s in range(50) for split in ("train", "val")}
+    assert len(streams) == 100  # no two (seed, split) pairs share a random stream
+    args = parse("--data", "shapes", "--val-size", "64")
+    train_set = data.build_dataset(args, CPU)
+    val_set = data.build_val_dataset(args, CPU)
+    assert isinstance(train_set, data.ShapesImages) and len(val_set) == 64
+    assert args.val_size == 64
+    seen = {bytes(image.numpy().tobytes()) for image in train_set.uint8_images()}
+    assert not any(bytes(image.numpy().tobytes()) in seen for image in val_set.uint8_images())
+    # and the split itself differs, not just the images: another parameter stream
+    assert not torch.equal(train_set.params[:64], val_set.params)
+
+
+def test_shapes_need_no_network(monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("--data shapes tried to open a socket")
+
+    monkeypatch.setattr(socket, "socket", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    data._shapes_split.cache_clear()
+    data._noise_pool.cache_clear()
+    args = parse("--data", "shapes", "--dataset-size", "64", "--val-size", "16")
+    loader = loader_for(args, batch_size=8)
+    [(images, labels)] = first_batches(loader, 1)
+    assert_batch(images, labels, 8, args.num_classes)
+    val_loader = data.build_val_loader(args, CPU, num_workers=0)
+    assert sum(len(labels) for _, labels in val_loader) == 16
+
+
+def test_shapes_defaults_evaluation_on_random_labels_off():
+    shapes = parse("--data", "shapes")
+    assert shapes.eval is True and shapes.target_accuracy == 0.5
+    assert (shapes.batch_size, shapes.epochs, shapes.steps_per_epoch) == (32, 5, None)
+    synthetic = parse()
+    assert synthetic.eval is False and synthetic.target_accuracy is None
+    assert synthetic.batch_size == 8  # the smoke preset of random data is unchanged
+    assert data.build_val_loader(synthetic, CPU, 0) is None and synthetic.val_size is None
+    forced = parse("--data", "shapes", "--no-eval", "--target-accuracy", "0.7")
+    assert forced.eval is False and forced.target_accuracy == 0.7
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.2", "half"])
+def test_target_accuracy_must_be_a_fraction(value):
+    with pytest.raises(UsageError, match="--target-accuracy"):
+        parse("--data", "shapes", "--target-accuracy", value)
+
+
+# --- validation shards: every image on exactly one rank -----------------------------------------
+
+@pytest.mark.parametrize("size, world", [(7, 1), (7, 2), (7, 3), (10, 4), (2, 3)])
+def test_shard_sampler_gives_every_index_to_exactly_one_rank(size, world):
+    shards = [list(data.ShardSampler(size, rank, world)) for rank in range(world)]
+    assert sorted(i for shard in shards for i in shard) == list(range(size))
+    assert [len(s) for s in shards] == [len(data.ShardSampler(size, r, world))
+                                        for r in range(world)]
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+# --- local files: class-balanced subsets and hold-outs --------------------------------------------
+
+def class_counts(dataset) -> list[int]:
+    from collections import Counter
+
+    return sorted(Counter(dataset.targets).values())
+
+
+def test_imagefolder_dataset_size_takes_a_seeded_class_balanced_subset(tmp_path):
+    root = make_image_folder(tmp_path / "images", classes=("a", "b", "c"), per_class=8)
+    argv = ("--data", "imagefolder", "--data-dir", str(root), "--num-classes", "3",
+            "--dataset-size", "6", "--no-eval")
+    dataset = data.build_dataset(parse(*argv), CPU)
+    assert len(dataset) == 6
+    assert class_counts(dataset) == [2, 2, 2]  # the first 6 files would all be class a
+    assert data.build_dataset(parse(*argv), CPU).indices == dataset.indices
+    other = data.build_dataset(parse(*argv, "--seed", "5"), CPU)
+    assert other.indices != dataset.indices and class_counts(other) == [2, 2, 2]
+    odd = data.build_dataset(parse(*argv[:-3], "--dataset-size", "7", "--no-eval"), CPU)
+    assert class_counts(odd) == [2, 2, 3]
+
+
+def test_imagefolder_holds_out_a_seeded_class_balanced_validation_split(tmp_path):
+    root = make_image_folder(tmp_path / "images", classes=("a", "b", "c"), per_class=10)
+    argv = ("--data", "imagefolder", "--data-dir", str(root), "--num-classes", "3",
+            "--val-size", "6")
+    args = parse(*argv)
+    assert args.eval  # on by default for local images
+    train_set = data.build_dataset(args, CPU)
+    val_set = data.build_val_dataset(args, CPU)
+    assert len(val_set) == 6 and args.val_size == 6
+    assert class_counts(val_set) == [2, 2, 2]
+    assert len(train_set) == 24 and not set(train_set.indices) & set(val_set.indices)
+    image, _ = val_set[0]
+    assert image.shape == (3, IMG, IMG)
+    assert torch.equal(image, val_set[0][0])  # no augmentation: the same tensor every time
+    again = data.build_val_dataset(parse(*argv), CPU)
+    other = data.build_val_dataset(parse(*argv, "--seed", "3"), CPU)
+    assert again.indices == val_set.indices and other.indices != val_set.indices
+    # at most a fifth of the folder is held out, whatever --val-size asks
+    capped = parse(*argv[:-2])
+    assert len(data.build_val_dataset(capped, CPU)) == 6 and capped.val_size == 6
+
+
+def test_imagefolder_with_val_folder_validates_on_it_and_trains_on_all_of_train(tmp_path):
+    root = tmp_path / "images"
+    make_image_folder(root / "train", per_class=4)
+    make_image_folder(root / "val", per_class=3)
+    args = parse("--data", "imagefolder", "--data-dir", str(root), "--num-classes", "2")
+    assert len(data.build_dataset(args, CPU)) == 8  # nothing held out of train/
+    val_set = data.build_val_dataset(args, CPU)
+    assert len(val_set) == 6 and val_set.base.root.endswith("val")

@@ -12,6 +12,7 @@ concatenated batch (only SyncBatchNorm, which needs GPUs, would make them equal)
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -135,3 +136,75 @@ def test_gradient_accumulation_with_no_sync_equals_the_large_batch_step(tmp_path
     # buckets than the first: compare, don't multiply)
     assert without_no_sync[0]["all_reduces"] > accumulated[0]["all_reduces"]
     assert_same_weights(without_no_sync[0]["state"], accumulated[0]["state"], atol=1e-5)
+
+
+# --- evaluation: every validation image counts exactly once over the ranks ---------------
+
+class IndexImages(torch.utils.data.Dataset):
+    """Image i is filled with the number i; every label is 0."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        return torch.full((3, 4, 4), float(i)), torch.tensor(0)
+
+
+class ParityModel(nn.Module):
+    """Predicts class 0 for even images, class 1 for odd ones, and notes what it saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.seen: list[int] = []
+
+    def forward(self, x):
+        index = x[:, 0, 0, 0].long()
+        self.seen += index.tolist()
+        odd = (index % 2).float()
+        return 5 * torch.stack([1 - odd, odd], dim=1) + 0 * self.weight
+
+
+def _eval_worker(rank: int, world: int, store_path: str, out_dir: str, size: int) -> None:
+    from labs import data
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank,
+                            world_size=world)
+    try:
+        cpu = torch.device("cpu")
+        module = ParityModel()
+        model = DDP(module, **distributed.buffer_sync(False))
+        meter = Meter(cpu, warmup_steps=0, samples_per_step=2)
+        trainer = train.Trainer(model, train.build_optimizer(model, 0.1, cpu), cpu,
+                                amp="off", channels_last=False, grad_accum_steps=1,
+                                meter=meter, steps_per_epoch=1, epochs=1,
+                                reduce_sum=distributed.all_reduce_sum, show_progress=False)
+        loader = data.eval_loader(IndexImages(size), 2, cpu, 0,
+                                  data.ShardSampler(size, rank, world))
+        entry = trainer.evaluate(loader, epoch=0)
+        torch.save({"entry": entry, "seen": module.seen, "training": module.training},
+                   os.path.join(out_dir, f"eval{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_distributed_evaluation_counts_every_validation_image_once(tmp_path, world):
+    size = 7  # divisible by none of 2 and 3: a padding sampler would repeat images
+    mp.spawn(_eval_worker, args=(world, str(tmp_path / "store"), str(tmp_path), size),
+             nprocs=world, join=True)
+    ranks = [torch.load(tmp_path / f"eval{r}.pt", weights_only=False) for r in range(world)]
+    seen = sorted(i for r in ranks for i in r["seen"])
+    assert seen == list(range(size))  # every image evaluated, on exactly one rank
+    even = len(range(0, size, 2))
+    expected_loss = (size - even) * 5 / size + math.log1p(math.exp(-5))
+    for r in ranks:  # the same all-reduced numbers on every rank
+        entry = r["entry"]
+        assert entry["samples"] == size and entry["epoch"] == 1
+        assert entry["accuracy"] == pytest.approx(even / size)
+        assert entry["loss"] == pytest.approx(expected_loss, rel=1e-6)
+        assert r["training"]  # back in training mode afterwards

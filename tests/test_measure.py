@@ -410,3 +410,52 @@ def test_combine_without_losses_has_no_final_loss():
     metrics, _ = combine([rank_summary(0, [1.0], losses=())])
     assert metrics["loss_per_epoch"] == []
     assert metrics["final_loss"] is None
+
+
+# --- evaluation: timed apart, never inside a step -----------------------------------------
+
+def test_evaluation_time_never_enters_step_times_or_training_time(monkeypatch):
+    from labs import measure
+
+    meter, clock = hand_meter(warmup_steps=0)
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock.now)
+    drive(meter, clock, [[1.0, 2.0]], epoch_gap=0.0)  # an epoch of 3 s
+    meter.start_eval()
+    clock.now += 100.0  # a long evaluation
+    entry = meter.end_eval(1, accuracy=0.5, loss=1.2, samples=10)
+    assert entry["eval_time_s"] == pytest.approx(100.0)
+    assert entry["elapsed_s"] == pytest.approx(3.0)  # training time so far: the epoch alone
+    # The next step starts from the evaluation's end, not from the previous step's end
+    # (what an evaluation in the middle of an epoch would otherwise add to it).
+    clock.now += 4.0
+    meter.end_step(0.0)
+    assert meter.step_times == [1.0, 2.0]  # filed at end_epoch; the pending one next
+    meter.end_epoch(1.0)
+    assert meter.step_times == [1.0, 2.0, 4.0]
+    summary = meter.rank_summary()
+    assert summary["eval"] == [entry]
+    assert sum(summary["step_times_s"]) == pytest.approx(7.0)
+
+
+def test_combine_evaluation_time_to_accuracy_and_notes():
+    r0, r1 = two_ranks()
+    evals0 = [{"epoch": 1, "accuracy": 0.3, "loss": 2.0, "samples": 10, "elapsed_s": 5.0,
+               "eval_time_s": 0.5},
+              {"epoch": 2, "accuracy": 0.6, "loss": 1.0, "samples": 10, "elapsed_s": 9.0,
+               "eval_time_s": 0.4}]
+    # rank 1 holds the same (all-reduced) counts, and its own, slower, times
+    evals1 = [dict(e, elapsed_s=e["elapsed_s"] + 1, eval_time_s=0.1) for e in evals0]
+    r0["eval"], r1["eval"] = evals0, evals1
+    metrics, notes = combine([r0, r1], target_accuracy=0.5)
+    assert [e["accuracy"] for e in metrics["eval"]] == [0.3, 0.6]
+    assert [e["elapsed_s"] for e in metrics["eval"]] == [6.0, 10.0]  # the slowest rank's
+    assert [e["eval_time_s"] for e in metrics["eval"]] == [0.5, 0.4]
+    assert metrics["final_accuracy"] == 0.6
+    assert metrics["time_to_accuracy_s"] == 10.0  # first evaluation at or above 50%
+    metrics, notes = combine([r0, r1], target_accuracy=0.9)
+    assert metrics["time_to_accuracy_s"] is None
+    assert any("never reached the target of 90%" in n for n in notes)
+    metrics, notes = combine([rank_summary(0, [1.0])], target_accuracy=0.5)
+    assert metrics["eval"] == [] and metrics["final_accuracy"] is None
+    assert metrics["time_to_accuracy_s"] is None
+    assert any("No evaluation" in n for n in notes)

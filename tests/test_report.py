@@ -53,13 +53,16 @@ def make_run(base: dict, *, strategy: str, n: int, throughput: float, gpu: str =
              spread: tuple[float, float] = (0.95, 1.03), exposed_s: float | None = None,
              compute_spread: tuple[float, float] = (0.99, 1.01),
              gradient_bytes: int | None = RESNET18_GRADIENT_BYTES, comm_hook: str = "none",
-             host_rss_gib: float = 3.0) -> dict:
+             host_rss_gib: float = 3.0, eval: list[float] | None = None,
+             epoch_s: float = 10.0, sync_bn: bool = False) -> dict:
     """A copy of a real 02 record turned into a single / DP / DDP run on ``n`` GPUs.
 
     ``spread`` gives throughput p10 and p90 as factors of the median. A DDP run's exposed
     communication is ``exposed_s`` (default a tenth of the step), its compute-only step the
     rest, with p10/p90 at ``compute_spread``. ``threads=None`` leaves the field out, as in
-    files written before it existed."""
+    files written before it existed. ``eval`` lists a validation accuracy per epoch (the
+    run evaluated, epochs of ``epoch_s`` seconds, target 50%, the default learning rate of
+    its global batch); without it the run did not evaluate, as on random data."""
     rec = copy.deepcopy(base)
     lab = {"single": "02_baseline", "dp": "03_dataparallel", "ddp": "04_ddp"}[strategy]
     rec.update(lab=lab, status=status, run_id=uuid.uuid4().hex[:12],
@@ -73,7 +76,7 @@ def make_run(base: dict, *, strategy: str, n: int, throughput: float, gpu: str =
         del rec["config"]["threads_per_process"]
     if strategy == "ddp":
         rec["config"].update(backend="nccl", bucket_cap_mb=25.0, comm_hook=comm_hook,
-                             gradient_bytes=gradient_bytes)
+                             gradient_bytes=gradient_bytes, sync_bn=sync_bn)
     memory = memory_gib or [10.0] * n
     devices = [{"device": f"cuda:{0 if strategy == 'ddp' else i}", "index": i, "host": host,
                 "name": gpu, **({"rank": i} if strategy == "ddp" else {})} for i in range(n)]
@@ -113,6 +116,16 @@ def make_run(base: dict, *, strategy: str, n: int, throughput: float, gpu: str =
                                       "p10": step * 0.96, "p90": step * 1.08},
                       "compute_only_step_time_s": compute, "data_wait_s": 0.001}
                      for r in range(ranks)]
+    if eval is not None:
+        entries = [{"epoch": e + 1, "accuracy": a, "loss": 2.0 - a, "samples": 512,
+                    "elapsed_s": epoch_s * (e + 1), "eval_time_s": 0.5}
+                   for e, a in enumerate(eval)]
+        m.update(eval=entries, final_accuracy=eval[-1],
+                 time_to_accuracy_s=next((x["elapsed_s"] for x in entries
+                                          if x["accuracy"] >= 0.5), None))
+        rec["config"].update(eval=True, val_size=512, target_accuracy=0.5,
+                             lr=0.1 * batch * n / 256, lr_rule=f"0.1 × global batch "
+                             f"{batch * n} / 256, linear warmup over 8 steps")
     if status != "ok":
         rec["failure"] = {"reason": OOM_REASON, "rank": 0}
     return rec
@@ -123,7 +136,8 @@ def environment_file(base: dict) -> dict:
     return {
         "schema_version": 1, "kind": "environment", "written_at": base["started_at"],
         "command": "python 01_environment_check.py", "environment": base["environment"],
-        "probes": {"matmul": [{"device": "cuda:0", "dtype": "bf16", "tflops": 700.0}],
+        "probes": {"matmul": [{"device": "cuda:0", "dtype": "bf16", "size": 8192,
+                               "time_s": 0.00157, "tflops": 700.0}],
                    "copy_bandwidth": None,
                    "allreduce": {"backend": "nccl", "world_size": 4, "device": "cuda",
                                  "results": [{"size_bytes": s, "time_s": 2e-5 + s / 2e11,
@@ -545,3 +559,80 @@ def test_headless_browser_renders_the_report(tmp_path, html_report):
                          timeout=60, env=lab_env(), check=False).stdout
     assert dom.count('src="data:image/png;base64,') >= 6
     assert "<script>alert(1)" not in dom
+
+
+# --- accuracy: the same math, at another speed ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def accuracy_report(tmp_path_factory, real_run, step05) -> Path:
+    """A baseline and a DDP x4 run that evaluated, and a DataParallel run that did not."""
+    results = tmp_path_factory.mktemp("accuracy") / "results"
+    results.mkdir()
+    write(results, "02.json", make_run(real_run, strategy="single", n=1, throughput=100.0,
+                                       eval=[0.30, 0.55, 0.70], epoch_s=10.0))
+    write(results, "04.json", make_run(real_run, strategy="ddp", n=4, throughput=360.0,
+                                       eval=[0.20, 0.45, 0.60], epoch_s=3.0))
+    write(results, "03.json", make_run(real_run, strategy="dp", n=2, throughput=150.0))
+    out = results.parent / "report.html"
+    run05(step05, "--results-dir", results, "--generate-plots", "--output-report", out)
+    return out
+
+
+def test_report_shows_accuracy_time_to_target_and_speed_up(accuracy_report):
+    page = parse(accuracy_report)
+    header = next(r for r in page.rows if r and r[0] == "Method")
+    assert header[5].startswith("Final accuracy")  # after throughput, before efficiency
+    rows = {r[0]: r for r in page.rows if len(r) == 7 and r[0] != "Method"}
+    ddp = next(r for label, r in rows.items() if label.startswith("DDP ×4"))
+    single = next(r for label, r in rows.items() if label.startswith("Single"))
+    dp = next(r for label, r in rows.items() if label.startswith("DP ×2"))
+    assert single[5].startswith("70.0%") and "to 50% in 20.00 s" in single[5]
+    # DDP got to 50% after its 3rd 3-s epoch, 9 s; the baseline after 20 s: 2.22x sooner
+    assert ddp[5].startswith("60.0%") and "to 50% in 9.00 s" in ddp[5]
+    assert "2.22× sooner than the baseline (20.00 s)" in ddp[5]
+    assert dp[5].startswith("n/a") and "no evaluation" in dp[5]
+    assert ddp[6].startswith("90%")  # the efficiency column follows
+    text = " ".join(" ".join(page.text).split())
+    assert ("Time to 50% validation accuracy: DDP ×4 9.00 s of training against 20.00 s "
+            "for the single-device baseline, a 2.22× speed-up in time to accuracy.") in text
+    assert ("DDP ×4: 60.0% top-1 on the validation split after epoch 3; 50% after 9.00 s "
+            "of training, a 2.22× speed-up against the single-device baseline "
+            "(20.00 s).") in text
+    png = accuracy_report.with_name("report_accuracy.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_explains_a_different_accuracy_at_the_same_epoch(accuracy_report):
+    text = " ".join(" ".join(parse(accuracy_report).text).split())
+    assert ("At epoch 3 DDP ×4 reached 60.0% and the single-device baseline 70.0%: "
+            "10.0 points apart.") in text
+    assert ("batch norm per rank: each of the 4 ranks normalises over its own 8 images, "
+            "1/4 of the global batch of 32, without --sync-bn") in text
+    assert "the global batch differs (32 vs 8)" in text
+    assert "the learning rate differs (0.0125 vs 0.003125, by the linear scaling rule)" in text
+
+
+def test_no_explanation_when_the_accuracies_agree(tmp_path, real_run, step05):
+    results = tmp_path / "results"
+    results.mkdir()
+    write(results, "02.json", make_run(real_run, strategy="single", n=1, throughput=100.0,
+                                       eval=[0.30, 0.55, 0.70]))
+    write(results, "04.json", make_run(real_run, strategy="ddp", n=4, throughput=360.0,
+                                       eval=[0.25, 0.50, 0.68], sync_bn=True))
+    out = tmp_path / "r.md"
+    run05(step05, "--results-dir", results, "--format", "md", "--output-report", out)
+    text = out.read_text(encoding="utf-8")
+    assert "| throughput | final accuracy | scaling efficiency |" in text and "68.0%" in text
+    assert "At epoch" not in text  # 2 points apart at epoch 3: within the noise allowed
+
+
+def test_accuracy_columns_in_the_csv(accuracy_report):
+    import pandas as pd
+
+    frame = pd.read_csv(accuracy_report.with_suffix(".csv"))
+    ddp = frame[frame["method"] == "DDP ×4"].iloc[0]
+    assert ddp["final_accuracy"] == pytest.approx(0.6)
+    assert ddp["time_to_accuracy_s"] == pytest.approx(9.0)
+    assert ddp["time_to_accuracy_speedup"] == pytest.approx(20 / 9)
+    dp = frame[frame["method"] == "DP ×2"].iloc[0]
+    assert pd.isna(dp["final_accuracy"]) and pd.isna(dp["time_to_accuracy_s"])

@@ -22,8 +22,8 @@ def lab_run(*args: str, cwd: Path, env: dict | None = None, timeout: float = 240
 
 
 @pytest.mark.compat
-def test_the_whole_lab_with_no_options_on_this_cpu(tmp_path):
-    proc = lab_run(cwd=tmp_path)  # its 240 s timeout is the bound (the budget is 3 min)
+def test_the_whole_lab_with_no_options_on_this_cpu(whole_lab):
+    proc, tmp_path = whole_lab  # its 240 s timeout is the bound (the budget is 3 min)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     results = tmp_path / "results"
     runs = [json.loads(p.read_text()) for p in results.glob("0[234]_*.json")]
@@ -62,6 +62,17 @@ class Args:
 
 def by_step(plan) -> dict:
     return {c.step: c for c in plan.commands}
+
+
+def test_plan_without_gpu_trains_every_method_on_shapes():
+    """A newcomer on a laptop sees accuracy and time to accuracy: a learnable task."""
+    plan = runner.build_plan(Args(), gpu_count=0)
+    steps = by_step(plan)
+    assert plan.preset == "smoke"
+    for step in ("02", "03", "04"):
+        argv = steps[step].argv
+        assert argv[argv.index("--data") + 1] == "shapes", step
+        assert argv[argv.index("--preset") + 1] == "smoke", step
 
 
 def test_plan_for_four_gpus_is_the_lab_commands():

@@ -272,3 +272,55 @@ def test_the_steady_state_step_never_synchronises_with_the_gpu(amp):
         torch.cuda.set_sync_debug_mode(0)
     meter.end_epoch(loss_sum / 4)
     assert len(meter.step_times) == 4 and all(t > 0 for t in meter.step_times)
+
+
+# --- learning-rate warmup and evaluation --------------------------------------------------
+
+def test_learning_rate_warms_up_linearly_over_the_run_then_holds():
+    trainer = make_trainer(tiny_cnn(), steps_per_epoch=2, epochs=3, lr=0.4)
+    trainer.lr_warmup_steps = 4
+    seen = []
+    step = trainer.step
+
+    def recording_step(batches, loss_sum):
+        seen.append(trainer.optimizer.param_groups[0]["lr"])
+        step(batches, loss_sum)
+
+    trainer.step = recording_step
+    for epoch in range(3):
+        trainer.train_one_epoch([batch(4, seed=epoch), batch(4, seed=epoch + 9)], epoch)
+    assert seen == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.4, 0.4])
+    # a resumed run (epoch 1 first) continues the schedule where it was, not from 0
+    resumed = make_trainer(tiny_cnn(), steps_per_epoch=2, epochs=3, lr=0.4)
+    resumed.lr_warmup_steps = 4
+    resumed.train_one_epoch([batch(4), batch(4)], epoch=1)
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(0.4)
+
+
+def test_lr_warmup_steps_and_rule():
+    from labs import cli
+
+    args = cli.parse_args("02_baseline", argv=["--preset", "smoke", "--epochs", "4"])
+    assert train.lr_warmup_steps(args, 25) == 5  # 5% of 100 steps
+    assert train.lr_warmup_steps(args, 1) == 1  # never less than one step
+    assert train.lr_rule(args, 64, 25) == "0.1 × global batch 64 / 256, linear warmup over 5 steps"
+    given = cli.parse_args("02_baseline", argv=["--preset", "smoke", "--lr", "0.3"])
+    assert train.lr_warmup_steps(given, 25) == 0 and train.lr_rule(given, 64, 25) == "--lr given"
+
+
+def test_evaluate_counts_accuracy_and_loss_without_gradients():
+    model = tiny_cnn()
+    trainer = make_trainer(model)
+    images, labels = batch(10, seed=4)
+    loader = [(images[:4], labels[:4]), (images[4:], labels[4:])]  # the last batch short
+    entry = trainer.evaluate(loader, epoch=2)
+    with torch.no_grad():
+        logits = model(images)
+    assert entry["epoch"] == 3 and entry["samples"] == 10
+    assert entry["accuracy"] == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+    assert entry["loss"] == pytest.approx(nn.functional.cross_entropy(logits, labels).item(),
+                                          rel=1e-5)
+    assert all(p.grad is None for p in model.parameters())  # nothing was backpropagated
+    assert model.training  # back to training mode for the next epoch
+    assert trainer.meter.evals == [entry] and trainer.meter.step_times == []
+    assert trainer.evaluate(None, epoch=0) is None  # --no-eval: nothing at all

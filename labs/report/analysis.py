@@ -13,6 +13,11 @@ or the DDP world size. The baseline is the median throughput of the ``02_baselin
 with the same model, image size, per-device batch, precision, memory layout, compile
 setting, data source, device name (the host may differ) and, on CPUs, threads per process.
 
+Runs that evaluated a validation split also get their accuracy curve, final accuracy and
+time to the target accuracy, and the speed-up in time to accuracy it implies:
+
+    time-to-accuracy speed-up = baseline's time to the target / this run's
+
 ``validity_flags`` then says, per configuration, why its figure cannot be trusted (noise,
 a superlinear result, a wrapper faster than its baseline); the report headlines only rows
 without flags.
@@ -41,7 +46,8 @@ BASELINE_FIELDS = ("model", "img_size", "per_device_batch_size", "amp", "channel
 # What makes two runs "the same configuration" (repeats are aggregated).
 CONFIG_FIELDS = ("lab", "strategy", "n_devices", "world_size", "nnodes", "hardware",
                  *BASELINE_FIELDS, "global_batch_size", "grad_accum_steps", "backend",
-                 "bucket_cap_mb", "comm_hook", "static_graph", "sync_bn")
+                 "bucket_cap_mb", "comm_hook", "static_graph", "sync_bn", "lr",
+                 "target_accuracy")
 FIELD_NAMES = {"model": "model", "img_size": "image size", "per_device_batch_size":
                "per-device batch", "amp": "amp", "channels_last": "channels_last",
                "compile": "torch.compile", "data": "data source", "hardware": "device",
@@ -188,6 +194,17 @@ def training_peak(device: dict) -> float | None:
     return None if peak is None else peak - (num(device.get("data_pool_bytes")) or 0)
 
 
+def eval_points(metrics: dict) -> list[dict]:
+    """``metrics.eval`` as {epoch, accuracy, elapsed_s}, the entries with an accuracy."""
+    points = []
+    for e in dicts(metrics.get("eval")):
+        epoch, accuracy = num(e.get("epoch")), num(e.get("accuracy"))
+        if epoch is not None and accuracy is not None:
+            points.append({"epoch": int(epoch), "accuracy": accuracy,
+                           "elapsed_s": num(e.get("elapsed_s"))})
+    return points
+
+
 def run_row(record: dict, file: str) -> dict:
     cfg = record.get("config") if isinstance(record.get("config"), dict) else {}
     metrics = record.get("metrics") if isinstance(record.get("metrics"), dict) else {}
@@ -202,6 +219,7 @@ def run_row(record: dict, file: str) -> dict:
     strategy = cfg.get("strategy")
     n = device_count(record)
     hosts = sorted({str(d.get("host")) for d in devices_used(record) if d.get("host")})
+    evals = eval_points(metrics)
     return {
         "file": file,
         "run_id": str(record.get("run_id")),
@@ -245,6 +263,14 @@ def run_row(record: dict, file: str) -> dict:
         "per_rank": [(num(dig(r, "rank")), *spread_of(r.get("step_time_s")))
                      for r in dicts(metrics.get("per_rank"))],
         "loss_per_epoch": numbers(metrics.get("loss_per_epoch")),
+        "eval": evals,
+        "final_accuracy": (None if not evals else num(metrics.get("final_accuracy"))
+                           if num(metrics.get("final_accuracy")) is not None
+                           else evals[-1]["accuracy"]),
+        "time_to_accuracy_s": num(metrics.get("time_to_accuracy_s")),
+        "target_accuracy": num(cfg.get("target_accuracy")),
+        "lr": num(cfg.get("lr")),
+        "lr_rule": scalar(cfg.get("lr_rule")),
         "warmup_steps": num(metrics.get("warmup_steps")),
         "steps_measured": num(metrics.get("steps_measured")),
         "started_at": str(record.get("started_at") or ""),
@@ -341,7 +367,8 @@ def compare(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for config_id, group in runs.groupby("config_id", sort=False):
         first = group.iloc[0]
-        row = {f: first[f] for f in (*CONFIG_FIELDS, "threads_per_process", "method", "cpu", "family")}
+        row = {f: first[f] for f in (*CONFIG_FIELDS, "threads_per_process", "method", "cpu", "family",
+                                     "lr_rule")}
         run_medians = group["tp_median"].dropna().tolist()
         mem_lists = [m for m in group["mem_by_device"] if m]
         width = max((len(m) for m in mem_lists), default=0)
@@ -382,8 +409,13 @@ def compare(runs: pd.DataFrame) -> pd.DataFrame:
                             for i in range(max(map(len, group["loss_per_epoch"]), default=0))],
             warmup_steps=median(group["warmup_steps"]),
             commands=list(group["command"]),
+            eval=eval_curve(group["eval"]),
+            final_accuracy=median(group["final_accuracy"]),
+            time_to_accuracy_s=median(group["time_to_accuracy_s"]),
+            tta_reached=int(group["time_to_accuracy_s"].notna().sum()),
         )
         row.update(_efficiency(row, first, runs))
+        row.update(_time_to_accuracy(row, first, runs))
         row["flags"] = validity_flags(row)
         rows.append(row)
     table = pd.DataFrame(rows)
@@ -424,6 +456,55 @@ def _efficiency(row: dict, first: pd.Series, runs: pd.DataFrame) -> dict:
         out["efficiency_note"] = WORLD_SIZE_1
     else:
         out["efficiency"] = efficiency
+    return out
+
+
+def eval_curve(curves) -> list[dict]:
+    """Repeats' evaluations as one curve: per epoch, the median accuracy and elapsed time."""
+    by_epoch: dict[int, list[dict]] = {}
+    for curve in curves:
+        for point in curve or []:
+            by_epoch.setdefault(point["epoch"], []).append(point)
+    return [{"epoch": epoch, "accuracy": median(p["accuracy"] for p in points),
+             "elapsed_s": median(p["elapsed_s"] for p in points)}
+            for epoch, points in sorted(by_epoch.items())]
+
+
+def _time_to_accuracy(row: dict, first: pd.Series, runs: pd.DataFrame) -> dict:
+    """The speed-up in time to the target accuracy over the matching baseline:
+    baseline's time / this configuration's time (> 1: it got there sooner)."""
+    out = {"baseline_tta": None, "baseline_accuracy_eval": [], "tta_speedup": None,
+           "tta_note": None, "baseline_global_batch": None, "baseline_lr": None}
+    if not row["eval"]:
+        out["tta_note"] = "no evaluation"
+        return out
+    if fmt.missing(row["target_accuracy"]):
+        out["tta_note"] = "no target accuracy"
+        return out
+    if fmt.missing(row["time_to_accuracy_s"]):
+        out["tta_note"] = f"target {fmt.pct(row['target_accuracy'])} not reached"
+    if row["strategy"] == "single":
+        return out
+    matches, reason = baseline_for(first, runs)
+    if matches.empty:
+        out["tta_note"] = out["tta_note"] or reason
+        return out
+    out.update(baseline_global_batch=median(pd.to_numeric(matches["global_batch_size"],
+                                                          errors="coerce")),
+               baseline_lr=median(matches["lr"]))
+    same_target = matches[matches["target_accuracy"].map(same_setting_key)
+                          == same_setting_key(row["target_accuracy"])]
+    out["baseline_accuracy_eval"] = eval_curve(same_target["eval"]) if not same_target.empty \
+        else eval_curve(matches["eval"])
+    if same_target.empty:
+        out["tta_note"] = out["tta_note"] or "the baseline aimed at another target accuracy"
+        return out
+    baseline = median(same_target["time_to_accuracy_s"])
+    out["baseline_tta"] = baseline
+    if baseline is None:
+        out["tta_note"] = out["tta_note"] or "the baseline did not reach the target"
+    elif not fmt.missing(row["time_to_accuracy_s"]) and row["time_to_accuracy_s"] > 0:
+        out["tta_speedup"] = baseline / row["time_to_accuracy_s"]
     return out
 
 
@@ -546,7 +627,8 @@ def unique_labels(table: pd.DataFrame) -> list[str]:
               ("amp", "amp {}"), ("img_size", "{}px"), ("channels_last", "NHWC {}"),
               ("compile", "compile {}"), ("data", "{}"), ("backend", "{}"),
               ("bucket_cap_mb", "bucket {} MB"), ("comm_hook", "hook {}"),
-              ("cpu_threads", "threads {}")]
+              ("cpu_threads", "threads {}"), ("lr", "lr {}"),
+              ("target_accuracy", "target {}")]
     for field, pattern in detail:
         counts = pd.Series(labels).value_counts()
         clashing = [i for i, lab in enumerate(labels) if counts[lab] > 1]

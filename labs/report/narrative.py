@@ -18,6 +18,7 @@ from labs.report.analysis import (RERUN, SPREAD_LIMIT, SUPERLINEAR_LIMIT,
 DATA_WAIT_LIMIT = 0.10  # above this share of step time the input pipeline is the bottleneck
 LOW_EFFICIENCY = 0.80
 NOISE_STEP_SHARE = 0.02  # exposed communication below 2% of the step is not told from zero
+ACCURACY_GAP = 0.05  # two methods further apart than this at one epoch get an explanation
 GUIDE = "docs/student_guide.md"
 
 
@@ -183,6 +184,7 @@ def verdict(table: pd.DataFrame, unfinished: int) -> list[str]:
         out.append(f"… and {len(shown) - 6} more in the table.")
     out += _wrapper_comparisons(table, ok)
     out += [effect["sentence"] for effect in setting_effects(table)]
+    out += time_to_accuracy_sentences(table)
     left_out = table[~ok]
     if not left_out.empty:
         items = [f"{r['label']} ({_kinds(r['flags'])})" for _, r in left_out.iterrows()]
@@ -295,11 +297,139 @@ def findings(table: pd.DataFrame, sweeps: list[dict]) -> list[dict]:
     if table.empty:
         return []
     out = []
-    for finding in (_dataparallel(table), _ddp(table, sweeps), _settings(table),
-                    _input_pipeline(table), _validity(table)):
+    for finding in (_dataparallel(table), _ddp(table, sweeps), _accuracy(table),
+                    _settings(table), _input_pipeline(table), _validity(table)):
         if finding:
             out.append(finding)
     return out
+
+
+# --- accuracy: the same math, at another speed ---------------------------------------------
+
+def _evaluated(table: pd.DataFrame) -> pd.DataFrame:
+    if "eval" not in table.columns:
+        return table.iloc[0:0]
+    return table[table["eval"].map(lambda e: bool(e))]
+
+
+def time_to_accuracy_text(r) -> str:
+    """e.g. "50% after 13.20 s of training, a 1.25× speed-up against the single-device
+    baseline (16.50 s)"."""
+    if not _given(r["target_accuracy"]):
+        return "no --target-accuracy, so no time to accuracy"
+    target = fmt.pct(r["target_accuracy"])
+    if not _given(r["time_to_accuracy_s"]):
+        epochs = r["eval"][-1]["epoch"] if r["eval"] else 0
+        return f"{target} not reached in {fmt.plural(epochs, 'epoch')}"
+    text = f"{target} after {fmt.seconds(r['time_to_accuracy_s'])} of training"
+    if _given(r.get("tta_speedup")):
+        text += (f", {_speedup(r['tta_speedup'])} against the single-device baseline "
+                 f"({fmt.seconds(r['baseline_tta'])})")
+    elif r["strategy"] != "single" and r.get("tta_note"):
+        text += f" (no speed-up: {r['tta_note']})"
+    return text
+
+
+def _speedup(factor: float) -> str:
+    """e.g. "a 1.80× speed-up", or "0.55×: slower" below 1."""
+    if factor < 1:
+        return f"{fmt.times(factor)}: slower"
+    return f"a {fmt.times(factor)} speed-up"
+
+
+def time_to_accuracy_sentences(table: pd.DataFrame) -> list[str]:
+    """The verdict's line on time to accuracy: each method that has a speed-up."""
+    rows = _evaluated(table)
+    rows = rows[rows["strategy"] != "single"] if not rows.empty else rows
+    out = []
+    for _, r in rows.iterrows():
+        if _given(r.get("tta_speedup")):
+            out.append(f"Time to {fmt.pct(r['target_accuracy'])} validation accuracy: "
+                       f"{r['label']} {fmt.seconds(r['time_to_accuracy_s'])} of training "
+                       f"against {fmt.seconds(r['baseline_tta'])} for the single-device "
+                       f"baseline, {_speedup(r['tta_speedup'])} in time to accuracy.")
+    return out
+
+
+def accuracy_gap(r) -> dict | None:
+    """The accuracy of ``r`` and of its baseline at their last common epoch, when they
+    are more than ACCURACY_GAP apart: {epoch, accuracy, baseline, causes}."""
+    if r["strategy"] == "single" or not r["eval"] or not r.get("baseline_accuracy_eval"):
+        return None
+    mine = {p["epoch"]: p["accuracy"] for p in r["eval"]}
+    theirs = {p["epoch"]: p["accuracy"] for p in r["baseline_accuracy_eval"]}
+    common = sorted(set(mine) & set(theirs))
+    if not common:
+        return None
+    epoch = common[-1]
+    if abs(mine[epoch] - theirs[epoch]) <= ACCURACY_GAP:
+        return None
+    return {"epoch": epoch, "accuracy": mine[epoch], "baseline": theirs[epoch],
+            "causes": accuracy_causes(r)}
+
+
+def accuracy_causes(r) -> list[str]:
+    """What in the configuration can make ``r`` learn differently from its baseline."""
+    causes = []
+    n = int(r["n_devices"])
+    per_device = r["per_device_batch_size"]
+    if r["strategy"] == "ddp" and n > 1 and r["sync_bn"] is not True:
+        gpus = "" if not r["cpu"] else " (--sync-bn needs GPUs)"
+        causes.append(f"batch norm per rank: each of the {n} ranks normalises over its own "
+                      f"{per_device} images, 1/{n} of the global batch of "
+                      f"{r['global_batch_size']}, without --sync-bn{gpus}")
+    if r["strategy"] == "dp" and n > 1:
+        causes.append(f"batch norm per GPU: DataParallel's replicas normalise over their own "
+                      f"share of the batch, 1/{n} of it")
+    base_batch = r.get("baseline_global_batch")
+    if _given(base_batch) and _given(r["global_batch_size"]) \
+            and int(base_batch) != int(r["global_batch_size"]):
+        causes.append(f"the global batch differs ({int(r['global_batch_size'])} vs "
+                      f"{int(base_batch)}): {fmt.times(r['global_batch_size'] / base_batch)} "
+                      "the images per optimizer step, so that many times fewer steps per "
+                      "epoch")
+    base_lr = r.get("baseline_lr")
+    if _given(base_lr) and _given(r["lr"]) and abs(r["lr"] - base_lr) > 1e-12 * max(1, base_lr):
+        rule = ("by the linear scaling rule" if not str(r["lr_rule"]).startswith("--lr")
+                else "--lr given")
+        causes.append(f"the learning rate differs ({r['lr']:g} vs {base_lr:g}, {rule})")
+    return causes
+
+
+def _accuracy(table: pd.DataFrame) -> dict | None:
+    rows = _evaluated(table)
+    if rows.empty:
+        return None
+    paragraphs = []
+    for _, r in rows.iterrows():
+        last = r["eval"][-1]
+        paragraphs.append(f"{r['label']}: {fmt.pct(r['final_accuracy'], 1)} top-1 on the "
+                          f"validation split after epoch {last['epoch']}; "
+                          f"{time_to_accuracy_text(r)}.")
+    for _, r in rows.iterrows():
+        gap = accuracy_gap(r)
+        if gap is None:
+            continue
+        causes = gap["causes"]
+        why = ("Likely causes, from the configurations: " + "; ".join(causes) + "."
+               if causes else "The recorded settings agree, so this is run-to-run noise "
+               "(a different order of the same images): repeat the runs with "
+               "`python -m labs run --repeat 3`.")
+        paragraphs.append(
+            f"At epoch {gap['epoch']} {r['label']} reached {fmt.pct(gap['accuracy'], 1)} "
+            f"and the single-device baseline {fmt.pct(gap['baseline'], 1)}: "
+            f"{100 * abs(gap['accuracy'] - gap['baseline']):.1f} points apart. {why}")
+    if ((rows["strategy"] == "ddp") & (rows["n_devices"] > 1) & rows["cpu"]).any():
+        paragraphs.append("On the CPU, batch norm in each DDP rank sees only that rank's "
+                          "1/N of the global batch: --sync-bn, which computes the statistics "
+                          "over the global batch, needs GPUs.")
+    paragraphs.append("DDP with N ranks of B images computes the gradient of one step on "
+                      "N·B images, as a single device would (tests/test_ddp_equivalence.py "
+                      "checks it); batch norm aside, what changes the accuracy per epoch is "
+                      "the global batch and the learning rate that goes with it. Time to "
+                      f"accuracy is the fair speed comparison; see {GUIDE}, \"DDP changes "
+                      "speed, not the math\".")
+    return {"title": "Accuracy: the same math, at another speed", "paragraphs": paragraphs}
 
 
 def _efficiencies(rows: pd.DataFrame) -> str | None:
@@ -658,6 +788,15 @@ def methodology(table: pd.DataFrame) -> list[str]:
         f"more than {fmt.pct(SPREAD_LIMIT)} of their median. The fix: {RERUN}.",
         "Time per epoch is the median epoch wall time, leaving out the first epoch when "
         "there is more than one (it contains the warmup).",
+        "Accuracy: after every epoch each run evaluates its validation split (model.eval(), "
+        "no gradients, no augmentation, the training's mixed precision); under DDP each "
+        "rank takes its own share, no image repeated, and the counts are added up over "
+        "the ranks, so every image counts once. Evaluation is timed apart and enters no "
+        "step, epoch or throughput. Time to accuracy is the training wall time (the sum of "
+        "the epochs, evaluation left out) until the first evaluation at or above the "
+        "target; its speed-up is the matching baseline's time over the run's. Accuracies "
+        f"more than {100 * ACCURACY_GAP:g} points apart at the same epoch are explained "
+        "from the configurations.",
         "GPU memory is the peak allocated by PyTorch on each GPU after warmup "
         "(torch.cuda.max_memory_allocated), less the synthetic data pool resident on that "
         "GPU (data_pool_bytes: the same for every method, but under DataParallel only on "

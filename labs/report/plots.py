@@ -23,12 +23,19 @@ from matplotlib.ticker import FuncFormatter  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from labs import fmt  # noqa: E402
+from labs.report.output import GENERATOR  # noqa: E402
 
 COLORS = {"single": "#6b7280", "dp": "#d97706", "ddp": "#2563eb"}
 METHOD_NAMES = {"single": "single device", "dp": "DataParallel", "ddp": "DDP"}
 UNRELIABLE = "#d1d5db"  # the fill of anything flagged unreliable
 DPI = 100
 WIDTH = 8.0
+# Text from result files (device, run, model, setting and file names) reaches tick labels,
+# legends and annotations. Every figure is built and saved with these settings, so each
+# text is drawn as the characters it holds: mathtext would read "$...$" as a formula (and
+# a malformed one stops the drawing), TeX would read "\\", "%", "_". A figure that wants
+# a formula sets parse_math=True on that one text of its own.
+LITERAL_TEXT = {"text.parse_math": False, "text.usetex": False}
 
 
 class NoData(Exception):
@@ -55,7 +62,8 @@ def _figure(rows: int) -> Figure:
 
 def _png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
+    # The Software entry marks the file as 05's own, so the next run may replace it.
+    fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": GENERATOR})
     return buffer.getvalue()
 
 
@@ -371,6 +379,51 @@ def plot_loss(table: pd.DataFrame):
                  "far from the others points to a different effective batch or learning rate.")
 
 
+def plot_accuracy(table: pd.DataFrame):
+    """Validation accuracy per method: against epochs (the math: same data seen) and
+    against training wall time (the speed: who gets there first)."""
+    rows = table[table["eval"].map(bool)] if "eval" in table.columns else table.iloc[0:0]
+    if rows.empty:
+        raise NoData("No run evaluated a validation split (synthetic and fake data have "
+                     "random labels; train with --data shapes, or local data, to see "
+                     "accuracy).")
+    legend_rows = -(-len(rows) // 3)
+    fig = Figure(figsize=(WIDTH, 3.8 + 0.2 * legend_rows), dpi=DPI, layout="constrained")
+    by_epoch, by_time = fig.subplots(1, 2, sharey=True)
+    styles = ["-", "--", ":", "-."]
+    for i, (_, r) in enumerate(rows.iterrows()):
+        points = r["eval"]
+        style = dict(marker="o", markersize=3, color=COLORS.get(r["strategy"], "#888"),
+                     linestyle=styles[i % 4])
+        by_epoch.plot([p["epoch"] for p in points], [100 * p["accuracy"] for p in points],
+                      label=r["label"], **style)
+        timed = [p for p in points if p["elapsed_s"] is not None]
+        by_time.plot([p["elapsed_s"] for p in timed], [100 * p["accuracy"] for p in timed],
+                     **style)
+    targets = {float(t) for t in rows["target_accuracy"] if not fmt.missing(t)}
+    for ax in (by_epoch, by_time):
+        for target in targets:
+            ax.axhline(100 * target, color="#111827", linestyle=":", linewidth=1)
+        ax.grid(alpha=0.3)
+        ax.spines[["top", "right"]].set_visible(False)
+    longest = max(p["epoch"] for e in rows["eval"] for p in e)
+    by_epoch.set_xticks(range(1, longest + 1) if longest <= 20 else
+                        range(1, longest + 1, max(1, longest // 10)))
+    by_epoch.set_xlabel("epoch")
+    by_epoch.set_ylabel("validation accuracy, top-1 (%)")
+    by_epoch.set_ylim(0, 100)
+    by_time.set_xlabel("training wall time (s, evaluation left out)")
+    by_time.set_xlim(left=0)
+    _legend(fig, by_epoch.get_legend_handles_labels()[0], columns=3)
+    caption = ("Left: the same epochs should give about the same accuracy for every "
+               "method (DDP changes the speed, not the math; a larger global batch or "
+               "per-rank batch norm can shift it). Right: the same curves against training "
+               "time: the first to cross a level is the fastest to that accuracy.")
+    if targets:
+        caption += " The dotted line is the target accuracy."
+    return fig, caption
+
+
 def plot_allreduce(series: list[dict], reason: str | None):
     if not series:
         raise NoData(reason or "No all-reduce measurement.")
@@ -413,6 +466,7 @@ PLOTS = (
     ("efficiency", "Scaling efficiency against the ideal", plot_efficiency),
     ("step_time", "Step-time distribution", plot_step_time),
     ("loss", "Loss per epoch", plot_loss),
+    ("accuracy", "Validation accuracy by epoch and by training time", plot_accuracy),
 )
 
 
@@ -427,7 +481,9 @@ def make_plots(table: pd.DataFrame, allreduce: list[dict],
             plots.append(Plot(key, title, None, "No completed run to plot."))
             continue
         try:
-            fig, caption = draw()
+            with matplotlib.rc_context(LITERAL_TEXT):  # texts are made while drawing too
+                fig, caption = draw()
+                png = _png(fig)
         except NoData as why:
             plots.append(Plot(key, title, None, str(why)))
             continue
@@ -435,5 +491,5 @@ def make_plots(table: pd.DataFrame, allreduce: list[dict],
             plots.append(Plot(key, title, None, f"This figure could not be drawn "
                                                 f"({type(err).__name__}: {err})."))
             continue
-        plots.append(Plot(key, title, _png(fig), None, caption))
+        plots.append(Plot(key, title, png, None, caption))
     return plots

@@ -17,6 +17,7 @@ from labs import fmt
 from labs.report import environment, narrative
 from labs.report.analysis import WORLD_SIZE_1, allreduce_sweeps
 from labs.report.loading import Folder, failure_reason
+from labs.report.output import GENERATOR, MARKDOWN_MARK
 from labs.report.plots import Plot
 
 TITLE = "DataParallel vs DistributedDataParallel: performance comparison"
@@ -65,6 +66,25 @@ def _efficiency(r) -> tuple[str, str, str]:
     return "n/a", note or "", "na"
 
 
+def _accuracy(r) -> tuple[str, str]:
+    """(cell text, detail line) of the final-accuracy column."""
+    if not r.get("eval"):
+        return "n/a", "no evaluation"
+    text = fmt.pct(r["final_accuracy"], 1)
+    if fmt.missing(r["target_accuracy"]):
+        return text, f"after epoch {r['eval'][-1]['epoch']}"
+    target = fmt.pct(r["target_accuracy"])
+    if fmt.missing(r["time_to_accuracy_s"]):
+        return text, f"{target} not reached"
+    detail = f"to {target} in {fmt.seconds(r['time_to_accuracy_s'])}"
+    if not fmt.missing(r.get("tta_speedup")):
+        how = ("sooner than the baseline" if r["tta_speedup"] >= 1
+               else "the baseline's speed: slower")
+        detail += (f" · {fmt.times(r['tta_speedup'])} {how} "
+                   f"({fmt.seconds(r['baseline_tta'])})")
+    return text, detail
+
+
 def table_rows(table: pd.DataFrame) -> list[dict]:
     rows = []
     epoch_unit = fmt.unit_for(table["epoch_time_s"])  # one unit for the whole column
@@ -76,6 +96,7 @@ def table_rows(table: pd.DataFrame) -> list[dict]:
                           f"{fmt.rate(r['tp_run_max'])} ({fmt.pct(r['tp_run_range'])} "
                           "apart)")
         n = int(r["n_devices"])
+        accuracy, accuracy_detail = _accuracy(r)
         rows.append({
             "family": _family_title(r),
             "label": r["label"],
@@ -94,6 +115,8 @@ def table_rows(table: pd.DataFrame) -> list[dict]:
             "efficiency_detail": eff_detail,
             "efficiency_class": eff_class,
             "flags": list(r["flags"]),
+            "accuracy": accuracy,
+            "accuracy_detail": accuracy_detail,
         })
     return rows
 
@@ -184,12 +207,14 @@ def build_context(folder: Folder, table: pd.DataFrame, plots: list[Plot],
                      "notes": environment.texts(record.get("notes"))})
     runs.sort(key=lambda r: (r["started_at"], r["file"]))
     env_files = [{"file": folder.file_of(e), "rows": environment.describe(environment.block(e)),
-                  "probes": environment.probe_tables(e),
+                  "probes": environment.probe_tables(
+                      e, folder.parts_skipped.get(folder.file_of(e), ())),
                   "recommendations": environment.texts(e.get("recommendations")),
                   "notes": environment.texts(e.get("notes"))}
                  for e in folder.environments]
     return {
         "title": TITLE,
+        "generator": GENERATOR,  # the mark by which 05 knows its own report
         "generated_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "generated_by": generated_by,
         "results_dir": str(folder.path),
@@ -199,6 +224,9 @@ def build_context(folder: Folder, table: pd.DataFrame, plots: list[Plot],
         "headline": narrative.headline(table),
         "verdict": narrative.verdict(table, len(folder.unfinished)),
         "sections": _sections(table_rows(table)) if not table.empty else [],
+        # the final-accuracy column, when some run evaluated (n/a for the others)
+        "show_accuracy": bool(not table.empty and "eval" in table.columns
+                              and table["eval"].map(bool).any()),
         "details": detail_rows(table) if not table.empty else [],
         "plots": plots,
         "findings": narrative.findings(
@@ -274,7 +302,8 @@ def _md_efficiency(row: dict) -> str:
 
 def markdown(context: dict, png_names: dict[str, str] | None) -> str:
     c = context
-    out = [f"# {md(c['title'])}", "",
+    out = [MARKDOWN_MARK,  # the mark by which 05 knows its own report (hidden when shown)
+           f"# {md(c['title'])}", "",
            f"Generated {md(c['generated_at'])} from `{md(c['results_dir'])}`: "
            f"{c['counts']['runs']} completed runs, {c['counts']['unfinished']} unfinished, "
            f"{c['counts']['skipped']} files skipped.", ""]
@@ -285,11 +314,13 @@ def markdown(context: dict, png_names: dict[str, str] | None) -> str:
     out += ["## Results", ""]
     for section in c["sections"]:
         out += [f"**{md(section['title'])}**", ""]
-        out += _md_table(["method", "total batch", "time/epoch", "GPU memory", "throughput",
-                          "scaling efficiency"],
+        accuracy = c["show_accuracy"]
+        out += _md_table(["method", "total batch", "time/epoch", "GPU memory", "throughput"]
+                         + (["final accuracy"] if accuracy else []) + ["scaling efficiency"],
                          [[r["label"], r["batch"], r["epoch"], r["memory"],
-                           f"{r['throughput']} ({r['throughput_detail']})",
-                           _md_efficiency(r)]
+                           f"{r['throughput']} ({r['throughput_detail']})"]
+                          + ([f"{r['accuracy']} ({r['accuracy_detail']})"] if accuracy
+                             else []) + [_md_efficiency(r)]
                           for r in section["rows"]]) + [""]
     if c["details"]:
         out += ["### Run details", ""]
@@ -371,6 +402,8 @@ CSV_COLUMNS = {
     "threads_per_process": "threads_per_process", "gradient_bytes": "gradient_bytes",
     "compute_median": "compute_only_step_time_s_median",
     "exposed_comm_s": "exposed_comm_s", "host_rss": "host_peak_rss_bytes",
+    "final_accuracy": "final_accuracy", "target_accuracy": "target_accuracy",
+    "time_to_accuracy_s": "time_to_accuracy_s", "tta_speedup": "time_to_accuracy_speedup",
 }
 
 

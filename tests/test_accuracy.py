@@ -1,0 +1,79 @@
+"""Issue 14, "same math, faster": steps 02 and 04 learn `--data shapes` under the smoke
+preset, evaluate once per epoch, and record accuracy and time to accuracy. The runs are
+those of the session's `python -m labs run` (CPU, gloo, one thread per rank)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from labs.results import load_result
+
+SMOKE_SHAPES = ("--preset", "smoke", "--data", "shapes")
+
+
+def _lab_result(whole_lab, lab: str) -> dict:
+    """One step's result and output from the session's `python -m labs run`, which runs
+    02, 03 and 04 on shapes with the smoke preset on a CPU-only machine."""
+    proc, folder = whole_lab
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (path,) = (folder / "results").glob(f"{lab}_*.json")
+    assert load_result(path).ok
+    return {"record": json.loads(path.read_text()), "stdout": proc.stdout}
+
+
+@pytest.fixture(scope="module")
+def run02(whole_lab) -> dict:
+    return _lab_result(whole_lab, "02_baseline")
+
+
+@pytest.fixture(scope="module")
+def run04(whole_lab) -> dict:
+    return _lab_result(whole_lab, "04_ddp")
+
+
+def assert_learned(record: dict) -> None:
+    cfg, metrics = record["config"], record["metrics"]
+    assert record["status"] == "ok" and cfg["data"] == "shapes"
+    assert cfg["eval"] is True and cfg["val_size"] == 512 and cfg["target_accuracy"] == 0.5
+    evals = metrics["eval"]
+    assert [e["epoch"] for e in evals] == list(range(1, cfg["epochs"] + 1))  # one per epoch
+    assert all(e["samples"] == 512 for e in evals)  # each validation image counted once
+    assert all(e["eval_time_s"] > 0 and 0 <= e["loss"] for e in evals)
+    elapsed = [e["elapsed_s"] for e in evals]
+    assert elapsed == sorted(elapsed) and elapsed[0] > 0
+    chance = 1 / cfg["num_classes"]
+    assert metrics["final_accuracy"] == evals[-1]["accuracy"]
+    assert metrics["final_accuracy"] >= 3 * chance, evals  # learned, not guessed
+    tta = metrics["time_to_accuracy_s"]
+    if tta is None:
+        assert any("never reached the target of 50%" in n for n in record["notes"])
+    else:  # the training time of the first epoch at or above the target
+        first = next(e for e in evals if e["accuracy"] >= cfg["target_accuracy"])
+        assert tta == first["elapsed_s"]
+
+
+def test_02_learns_shapes_and_evaluates_every_epoch(run02):
+    record = run02["record"]
+    assert_learned(record)
+    cfg, metrics = record["config"], record["metrics"]
+    # training time to an epoch = the epochs alone: evaluation is left out of it
+    epochs = metrics["epoch_time_s"]
+    for k, entry in enumerate(metrics["eval"]):
+        assert entry["elapsed_s"] == pytest.approx(sum(epochs[:k + 1]), rel=1e-6)
+    assert cfg["lr"] == pytest.approx(0.1 * 32 / 256)
+    assert cfg["lr_warmup_steps"] == 8  # 5% of 5 epochs x 32 steps, rounded up
+    assert cfg["lr_rule"] == "0.1 × global batch 32 / 256, linear warmup over 8 steps"
+    assert "accuracy" in run02["stdout"] and "validation images" in run02["stdout"]
+
+
+def test_04_two_ranks_learn_shapes_and_count_each_validation_image_once(run04):
+    record = run04["record"]
+    assert_learned(record)
+    cfg = record["config"]
+    assert record["world"]["world_size"] == 2
+    assert cfg["global_batch_size"] == 64 and cfg["lr"] == pytest.approx(0.1 * 64 / 256)
+    assert cfg["lr_rule"].startswith("0.1 × global batch 64 / 256, linear warmup over")
+    # every rank took its own share of the 512 images and they were added up
+    assert run04["stdout"].count("== 04_ddp") == 1
