@@ -199,12 +199,17 @@ def _ranks_of(launcher: psutil.Process) -> list[psutil.Process]:
     return sorted(ranks, key=lambda c: c.create_time())
 
 
-def test_a_killed_rank_0_is_recorded_by_rank_1(tmp_path):
-    results = tmp_path / "r"
+def _two_ranks_training(results: Path) -> tuple[Live, list[psutil.Process]]:
+    """`04 --nproc 2` well into a long run: the launcher and its ranks, rank 0 first."""
     run = Live([sys.executable, str(REPO / S04), *SMOKE, "--nproc", "2", "--epochs", "50",
                 "--timeout-s", "20", "--results-dir", str(results)])
     run.wait_for("epoch 2/50")
-    ranks = _ranks_of(psutil.Process(run.proc.pid))
+    return run, _ranks_of(psutil.Process(run.proc.pid))
+
+
+def test_a_killed_rank_0_is_recorded_by_rank_1(tmp_path):
+    results = tmp_path / "r"
+    run, ranks = _two_ranks_training(results)
     ranks[0].kill()
     code = run.proc.wait(timeout=QUICK_EXIT_S)
     _, alive = psutil.wait_procs(ranks, timeout=30)
@@ -224,10 +229,7 @@ def test_a_killed_rank_0_is_recorded_by_rank_1(tmp_path):
 
 def test_a_killed_launcher_is_not_recorded_as_ctrl_c(tmp_path):
     results = tmp_path / "r"
-    run = Live([sys.executable, str(REPO / S04), *SMOKE, "--nproc", "2", "--epochs", "50",
-                "--timeout-s", "20", "--results-dir", str(results)])
-    run.wait_for("epoch 2/50")
-    ranks = _ranks_of(psutil.Process(run.proc.pid))
+    run, ranks = _two_ranks_training(results)
     run.proc.kill()
     _, alive = psutil.wait_procs(ranks, timeout=QUICK_EXIT_S)
     assert alive == []

@@ -55,15 +55,20 @@ def snapshot(folder: Path) -> dict[str, bytes]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture
-def lab(tmp_path, real_run) -> Path:
-    """A small results folder: a baseline, a DDP run on 2 GPUs, step 01's file."""
-    results = tmp_path / "results"
+def two_runs(results: Path, real_run: dict) -> Path:
+    """A baseline and a DDP run on 2 GPUs in ``results`` (created)."""
     results.mkdir()
     write(results, "02_base.json", make_run(real_run, strategy="single", n=1,
                                             throughput=100.0))
     write(results, "04_ddp2.json", make_run(real_run, strategy="ddp", n=2,
                                             throughput=180.0))
+    return results
+
+
+@pytest.fixture
+def lab(tmp_path, real_run) -> Path:
+    """A small results folder: a baseline, a DDP run on 2 GPUs, step 01's file."""
+    results = two_runs(tmp_path / "results", real_run)
     write(results, "environment.json", environment_file(real_run))
     return results
 
@@ -338,12 +343,7 @@ def full_disk(*_args):
 def previous(tmp_path_factory, real_run, step05) -> tuple[Path, Path]:
     """A results folder and a folder with 05's report, CSV and figures from it."""
     root = tmp_path_factory.mktemp("previous")
-    results = root / "results"
-    results.mkdir()
-    write(results, "02_base.json", make_run(real_run, strategy="single", n=1,
-                                            throughput=100.0))
-    write(results, "04_ddp2.json", make_run(real_run, strategy="ddp", n=2,
-                                            throughput=180.0))
+    results = two_runs(root / "results", real_run)
     out = root / "out"
     out.mkdir()
     run05(step05, "--results-dir", results, "--output-report", out / "report.html",
