@@ -361,10 +361,14 @@ def answer_help_early(build: Callable[[], argparse.ArgumentParser]) -> None:
         sys.exit(0)
 
 
+# Set by 04's --nproc launcher for its ranks: the user's command, for their result.
+LAUNCH_COMMAND = "LAB_LAUNCH_COMMAND"
+
+
 def command_line() -> str:
     """The command that reproduces this run, with the launcher when we can tell."""
-    if os.environ.get("LAB_LAUNCH_COMMAND"):  # a rank of --nproc: its argv is `python -c`
-        return os.environ["LAB_LAUNCH_COMMAND"]
+    if os.environ.get(LAUNCH_COMMAND):  # a rank of --nproc: its argv is `python -c`
+        return os.environ[LAUNCH_COMMAND]
     argv = list(getattr(sys, "orig_argv", sys.argv))
     script_args = sys.argv
     if os.environ.get("TORCHELASTIC_RUN_ID") is not None:  # started by torchrun

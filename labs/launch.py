@@ -30,8 +30,6 @@ from labs import cli
 from labs.compat import DistNetworkError
 from labs.errors import UsageError
 
-LAUNCH_COMMAND = "LAB_LAUNCH_COMMAND"  # the user's command, for the spawned ranks' results
-
 
 @dataclass
 class Ranks:
@@ -196,7 +194,7 @@ def _spawn(main: Callable[[], None], nproc: int) -> None:
     thread state is inherited; it is also what works from a notebook or on macOS. Each
     rank parses the same command line again (spawn restores sys.argv).
     """
-    os.environ.setdefault(LAUNCH_COMMAND, cli.command_line())  # the ranks see `python -c ...`
+    os.environ.setdefault(cli.LAUNCH_COMMAND, cli.command_line())  # ranks see `python -c`
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     # torch logs each rank it stops; the line below says so once, in the lab's words.
