@@ -42,17 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args() -> argparse.Namespace:
+    return build_parser().parse_args()  # bad usage raises UsageError: one line, status 2
+
+
 if __name__ == "__main__":
-    cli.answer_help_early(build_parser)
+    cli.check_early(parse_args)  # --help and typos: answered before torch loads
 
 # Only now the heavy imports: torch takes seconds to load, and --help needs none of it.
 import torch  # noqa: E402
 
 from labs import contract, envinfo, files, probes, results  # noqa: E402
-
-
-def parse_args() -> argparse.Namespace:
-    return build_parser().parse_args()  # bad usage raises UsageError: one line, status 2
 
 
 def say(text: str) -> None:

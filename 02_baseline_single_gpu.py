@@ -12,7 +12,8 @@ DistributedDataParallel. Read it first; `diff` it with 04 to see what DDP change
 from labs import cli
 
 LAB = "02_baseline"
-cli.answer_help_early(lambda: cli.build_parser(LAB, __doc__))  # torch takes seconds to load
+if __name__ == "__main__":  # --help and typos: answered before torch loads (seconds)
+    cli.check_early(lambda: cli.read_args(LAB, __doc__))
 # The imports below come after that on purpose (flake8: E402).
 
 import torch

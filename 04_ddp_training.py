@@ -14,7 +14,8 @@ marked `# DDP:`; `grep -n "DDP:" 04_ddp_training.py` lists them.
 from labs import cli
 
 LAB = "04_ddp"
-cli.answer_help_early(lambda: cli.build_parser(LAB, __doc__))  # torch takes seconds to load
+if __name__ == "__main__":  # --help and typos: answered before torch loads (seconds)
+    cli.check_early(lambda: cli.read_args(LAB, __doc__))
 # The imports below come after that on purpose (flake8: E402).
 
 import datetime  # DDP: for the process group's timeout

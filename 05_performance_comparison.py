@@ -46,18 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-if __name__ == "__main__":
-    cli.answer_help_early(build_parser)
-
-# Only now the heavy imports: pandas and matplotlib take seconds (torch is never loaded).
-from labs.report import analysis, environment, loading, output, plots, render  # noqa: E402
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.output_report is None:
         args.output_report = Path(f"comparison_report.{args.format}")
     return args
+
+
+if __name__ == "__main__":
+    cli.check_early(parse_args)  # --help and typos: answered before pandas and matplotlib load
+
+# Only now the heavy imports: pandas and matplotlib take seconds (torch is never loaded).
+from labs.report import analysis, environment, loading, output, plots, render  # noqa: E402
 
 
 def main(argv=None) -> None:

@@ -5,7 +5,7 @@
     python benchmarks/help_speed.py 01 05        # only these
     python benchmarks/help_speed.py --runs 9
 
-Every step answers --help before it imports torch (``labs.cli.answer_help_early``), so
+Every step answers --help before it imports torch (``labs.cli.check_early``), so
 its help should take a small fraction of `python -c "import torch"`. Each command runs
 in a fresh interpreter, --runs times (default 5); the medians are printed with their
 ratio. A ratio near or above 1 means that step loads torch before answering. Not a test:

@@ -4,8 +4,9 @@
 defaults and validates every value before any work is done. A bad value raises
 ``UsageError``; ``run(main)`` turns it into one line on stderr and exit status 2.
 
-Torch-free, so that ``--help`` answers at once: every step calls
-``answer_help_early(build_parser)`` before importing torch, which takes seconds to load.
+Torch-free, so that ``--help`` and most mistakes are answered at once: every step calls
+``check_early(...)`` with its torch-free parse (``read_args`` for 02-04) before importing
+torch, which takes seconds to load.
 """
 
 from __future__ import annotations
@@ -309,20 +310,32 @@ def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def parse_args(lab: str, description: str | None = None, argv: list[str] | None = None):
-    """Parse, fill and validate; raises UsageError on any bad value."""
+def read_args(lab: str, description: str | None = None, argv: list[str] | None = None):
+    """Parse, fill and run every check that needs no torch; raises UsageError."""
     args = build_parser(lab, description).parse_args(argv)
     args.lab = lab
     apply_preset(args)
-    validate(args)
+    check_values(args)
     return args
 
 
-def validate(args: argparse.Namespace) -> None:
-    """Cross-field checks argparse cannot express. Everything here runs before any work."""
-    from labs import models  # torchvision import is slow; only when parsing succeeded
+def parse_args(lab: str, description: str | None = None, argv: list[str] | None = None):
+    """``read_args``, then the checks that load torch: the model's name and, for 04, the
+    launch. Raises UsageError on any bad value."""
+    args = read_args(lab, description, argv)
+    from labs import models  # torchvision import is slow; only when the rest is valid
 
     models.check_model_name(args.model)
+    if args.lab == "04_ddp":
+        from labs import distributed
+
+        distributed.check_launch(args)
+    return args
+
+
+def check_values(args: argparse.Namespace) -> None:
+    """Cross-field checks argparse cannot express, and files that must exist. Torch-free,
+    so that ``check_early`` can answer them before torch loads."""
     if args.data in ("imagefolder", "cifar10"):
         if args.data_dir is None:
             raise UsageError(f"--data {args.data} needs --data-dir PATH (nothing is downloaded)")
@@ -344,21 +357,13 @@ def validate(args: argparse.Namespace) -> None:
         # DDP's static graph expects every backward to all-reduce; no_sync skips some.
         raise UsageError("--static-graph cannot be combined with --grad-accum-steps > 1 "
                          "(DDP's static graph does not support no_sync); drop one of them")
-    if args.lab == "04_ddp":
-        from labs import distributed
-
-        distributed.check_launch(args)
 
 
-def answer_help_early(build: Callable[[], argparse.ArgumentParser]) -> None:
-    """With -h or --help on the command line, print ``build()``'s help and exit 0;
-    otherwise return. Called before the heavy imports, so help costs no torch import."""
-    options = sys.argv[1:]
-    if "--" in options:
-        options = options[:options.index("--")]  # after "--" nothing is an option
-    if "-h" in options or "--help" in options:
-        build().print_help()
-        sys.exit(0)
+def check_early(parse: Callable[[], object]) -> None:
+    """Parse the command line before the heavy imports: ``--help``, and every mistake
+    ``parse`` finds without torch, are answered in a fraction of a second instead of after
+    the seconds torch takes to load. Bad input: one line, exit status 2 (as ``run``)."""
+    run(parse)
 
 
 # Set by 04's --nproc launcher for its ranks: the user's command, for their result.

@@ -53,10 +53,16 @@ def results_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def whole_lab(tmp_path_factory):
-    """`python -m labs run` with no options, once per session, as a newcomer runs it:
-    (completed process, the folder it ran in). Several modules read its results."""
-    folder = tmp_path_factory.mktemp("whole-lab")
-    proc = subprocess.run([sys.executable, "-m", "labs", "run"], cwd=folder, env=lab_env(),
-                          capture_output=True, text=True, timeout=240)  # budget: 3 min
-    return proc, folder
+def real_run_file(tmp_path_factory) -> Path:
+    """A genuine result file from `02 --preset smoke`, run once per session."""
+    folder = tmp_path_factory.mktemp("real02")
+    proc = run_script("02_baseline_single_gpu.py", "--preset", "smoke", "--results-dir", folder)
+    assert proc.returncode == 0, proc.stderr
+    (path,) = folder.glob("*.json")
+    return path
+
+
+@pytest.fixture(scope="module")
+def real_run(real_run_file) -> dict:
+    """That result, read afresh for each module: a module may change its copy."""
+    return json.loads(real_run_file.read_text())

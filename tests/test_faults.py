@@ -205,6 +205,11 @@ def run_in_process(script: str, argv: list[str]) -> subprocess.CompletedProcess:
             cli.run(_MODULES[script].main)
         except SystemExit as exit_:
             code = exit_.code
+        finally:
+            # 04 refuses some input after joining its process group; a process would now
+            # exit, this one goes on to other tests (which may start a group of their own)
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
     return subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
 
 

@@ -31,17 +31,6 @@ OOM_REASON = "out of memory at 512 images per device; try a smaller --batch-size
 
 # --- fixtures: real and crafted result files --------------------------------------------
 
-@pytest.fixture(scope="module")
-def real_run(tmp_path_factory) -> dict:
-    """A genuine result file from step 02, run once for the whole module."""
-    folder = tmp_path_factory.mktemp("real02")
-    proc = run_script("02_baseline_single_gpu.py", "--preset", "smoke",
-                      "--results-dir", folder)
-    assert proc.returncode == 0, proc.stderr
-    (path,) = folder.glob("*.json")
-    return json.loads(path.read_text())
-
-
 RESNET18_GRADIENT_BYTES = 11_181_642 * 4
 
 

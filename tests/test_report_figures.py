@@ -9,13 +9,13 @@ import copy
 
 import matplotlib.colors as mcolors
 import pytest
-from test_report import (GIB, H100, environment_file, make_run, parse, populate, real_run,
+from test_report import (GIB, H100, environment_file, make_run, parse, populate,
                          row, run05, step05, write)
 
 from labs import fmt
 from labs.report import analysis, environment, loading, plots, render
 
-__all__ = ["real_run", "step05"]  # fixtures of test_report
+__all__ = ["step05"]  # the fixture of test_report
 
 
 @pytest.fixture(scope="module")

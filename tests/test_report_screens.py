@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 from conftest import lab_env, run_script
-from test_report import GIB, H100, environment_file, make_run, populate, real_run, write
+from test_report import GIB, H100, environment_file, make_run, populate, write
 
-__all__ = ["real_run"]  # the fixture of test_report: one real step-02 run per module
 
 CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser",
                                                   "google-chrome") if shutil.which(name)),

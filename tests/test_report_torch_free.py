@@ -1,4 +1,4 @@
-"""Step 05 never imports torch, and 01/05 answer --help without it.
+"""Step 05 never imports torch, and every step answers --help and typos without it.
 
 Each check runs the script in a fresh interpreter with an import blocker in front of
 every other importer: ``import torch`` (or any ``torch.*``) raises ImportError and is
@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, lab_env
-from test_report import populate, real_run
+from test_report import populate
 
-__all__ = ["real_run"]  # the fixture of test_report: one real 02 --preset smoke run
 
 # Runs SCRIPT ARGS... (given after -c) as `python SCRIPT ARGS` would, with torch blocked.
 BLOCK_TORCH = r"""
@@ -78,6 +77,9 @@ def test_05_writes_the_report_and_csv_without_torch(results_folder, tmp_path, fm
 
 @pytest.mark.parametrize("script, expected", [
     ("01_environment_check.py", "--require-gpus"),
+    ("02_baseline_single_gpu.py", "--batch-size"),
+    ("03_dataparallel_training.py", "--gpus"),
+    ("04_ddp_training.py", "--bucket-cap-mb"),
     ("05_performance_comparison.py", "--generate-plots"),
 ])
 @pytest.mark.parametrize("flag", ["--help", "-h"])
@@ -87,6 +89,27 @@ def test_help_answers_without_torch(script, expected, flag):
     assert proc.stdout.startswith(f"usage: {script}")
     assert expected in proc.stdout
     assert NONE_TRIED in proc.stderr
+
+
+@pytest.mark.parametrize("script, args, says", [
+    ("01_environment_check.py", ["--require-gpus", "-1"], "--require-gpus"),
+    ("02_baseline_single_gpu.py", ["--batch-size", "0"], "--batch-size"),
+    ("02_baseline_single_gpu.py", ["--", "--help"], "unrecognized arguments"),
+    ("03_dataparallel_training.py", ["--img-size", "8"], "--img-size"),
+    ("03_dataparallel_training.py", ["--data", "imagefolder"], "--data-dir"),
+    ("04_ddp_training.py", ["--lr", "inf"], "--lr"),
+    ("04_ddp_training.py", ["--static-graph", "--grad-accum-steps", "2"], "--static-graph"),
+    ("04_ddp_training.py", ["--resume", "no-such.pt"], "no such checkpoint"),
+    ("05_performance_comparison.py", ["--format", "pdf"], "--format"),
+])
+def test_typos_are_answered_before_torch_loads(tmp_path, script, args, says):
+    """A mistake found by the parser costs no torch import (seconds): one line, exit 2."""
+    proc = run_without_torch(script, *args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    error, tried = proc.stderr.strip().splitlines()
+    assert error.startswith(f"{script}: error: ") and says in error
+    assert tried == NONE_TRIED
+    assert list(tmp_path.iterdir()) == []  # no results folder, no report
 
 
 def test_the_shared_light_modules_need_only_the_standard_library():
@@ -99,24 +122,3 @@ def test_the_shared_light_modules_need_only_the_standard_library():
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
-
-
-@pytest.mark.parametrize("argv, answers", [
-    (["--help"], True), (["--results-dir", "r", "-h"], True),
-    (["--results-dir", "r"], False), (["--", "--help"], False),  # after --: not an option
-])
-def test_answer_help_early(monkeypatch, capsys, argv, answers):
-    from labs import cli
-
-    monkeypatch.setattr(sys, "argv", ["05_performance_comparison.py", *argv])
-    def build():
-        return cli.OneLineParser(prog="step", description="what the step does")
-
-    if answers:
-        with pytest.raises(SystemExit) as exit_:
-            cli.answer_help_early(build)
-        assert exit_.value.code == 0
-        assert "what the step does" in capsys.readouterr().out
-    else:
-        assert cli.answer_help_early(build) is None
-        assert capsys.readouterr().out == ""

@@ -23,13 +23,13 @@ import uuid
 from pathlib import Path
 
 import pytest
-from test_report import (H100, environment_file, make_run, parse, real_run, run05, step05,
+from test_report import (H100, environment_file, make_run, parse, run05, step05,
                          write)
 
 from labs import files
 from labs.report import plots
 
-__all__ = ["real_run", "step05"]  # fixtures of test_report: one real 02 run per module
+__all__ = ["step05"]  # the fixture of test_report
 
 GENERATOR = "dp-vs-ddp-lab 05"
 

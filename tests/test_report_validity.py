@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import run_script
-from test_report import Page, make_run, real_run, write  # noqa: F401 - real_run: fixture
+from test_report import Page, make_run, write
 
 from labs import bandwidth
 from labs.report import narrative
