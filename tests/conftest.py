@@ -10,7 +10,24 @@ from pathlib import Path
 
 import pytest
 
+from labs.launch import free_port
+
 REPO = Path(__file__).resolve().parent.parent
+
+
+# Test files by their cost on a 2-core machine, the longest first: pytest-xdist hands out
+# whole files in collection order, and a long file started last would finish alone.
+LONGEST_FIRST = ("test_whole_lab.py", "test_step04_ddp.py", "test_faults.py",
+                 "test_faults_launch.py", "test_ddp_equivalence.py", "test_step02.py",
+                 "test_report_trust.py", "test_environment_check.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file and among the rest is kept
 
 
 def lab_env(**extra: str) -> dict:
@@ -31,7 +48,11 @@ def run_script(script: str, *args: str, timeout: float = 120, env: dict | None =
 
 
 def torchrun(*args: str) -> list[str]:
-    """`torchrun ARGS` as a launcher prefix, with the venv's own interpreter."""
+    """`torchrun ARGS` as a launcher prefix, with the venv's own interpreter. Without
+    --standalone or a rendezvous endpoint, on a free port: torchrun's default, 29500, would
+    be shared by test files running side by side (and by anything else on the machine)."""
+    if not any(a == "--standalone" or a.startswith(("--rdzv", "--master")) for a in args):
+        args = (f"--master-port={free_port()}", *args)
     return [sys.executable, "-m", "torch.distributed.run", *args]
 
 

@@ -509,7 +509,7 @@ def test_bad_flag_exits_2_from_the_command_line(tmp_path):
 
 # --- performance and a real browser ---------------------------------------------------------
 
-def test_thirty_run_files_within_15_seconds(tmp_path, real_run):
+def test_thirty_run_files_in_one_command(tmp_path, real_run):
     """The whole command, as a user runs it (imports included), on 30 run files plus the
     environment file and the broken ones."""
     results = populate(tmp_path / "results", real_run)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -15,6 +17,55 @@ from labs.results import load_result
 
 SCRIPT = "04_ddp_training.py"
 SMOKE = ("--preset", "smoke")
+PLAIN_TORCHRUN = ("--nproc_per_node=2",)
+STANDALONE_TORCHRUN = ("--standalone", "--nproc_per_node=2")
+
+
+class SharedRun(NamedTuple):
+    """One launch of 04, made once per module and read by several tests."""
+    proc: subprocess.CompletedProcess
+    folder: Path
+
+    def assert_succeeded(self) -> None:
+        # checked in each reading test, so a failed run fails all of them with its stderr
+        assert self.proc.returncode == 0, self.proc.stderr[-3000:]
+
+
+def launch_shared_run(tmp_path_factory, name: str, *args: str,
+                      launcher: list[str] | None = None) -> SharedRun:
+    folder = tmp_path_factory.mktemp(name)
+    proc = run_script(SCRIPT, *SMOKE, *args, "--results-dir", folder, launcher=launcher)
+    return SharedRun(proc, folder)
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(tmp_path_factory):
+    """One torchrun launch per command line; the standalone one also carries
+    --static-graph, so a single 2-rank run covers both torchrun and static graph."""
+    runs: dict[tuple[str, ...], SharedRun] = {}
+
+    def get(launch: tuple[str, ...]) -> SharedRun:
+        if launch not in runs:
+            extra = ("--static-graph",) if launch == STANDALONE_TORCHRUN else ()
+            runs[launch] = launch_shared_run(tmp_path_factory, "torchrun", *extra,
+                                             launcher=torchrun(*launch))
+        return runs[launch]
+    return get
+
+
+@pytest.fixture(scope="module")
+def nproc_options_run(tmp_path_factory) -> SharedRun:
+    """Self-launch with --nproc 2 and every DDP option: one 2-rank run for both tests."""
+    return launch_shared_run(tmp_path_factory, "nproc_options", "--nproc", "2",
+                             "--bucket-cap-mb", "5", "--comm-hook", "fp16",
+                             "--grad-accum-steps", "2", "--run-name", "options")
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory) -> SharedRun:
+    """One process given the legacy --local_rank and --no-comm-probe (independent)."""
+    return launch_shared_run(tmp_path_factory, "one_process", "--local_rank=0",
+                             "--no-comm-probe")
 
 
 def assert_valid_ddp_result(folder, world_size: int, nnodes: int = 1) -> dict:
@@ -31,10 +82,11 @@ def assert_valid_ddp_result(folder, world_size: int, nnodes: int = 1) -> dict:
     assert sorted(d["rank"] for d in metrics["per_device"]) == list(range(world_size))
     assert [r["rank"] for r in metrics["per_rank"]] == list(range(world_size))
     assert all(r["steps_measured"] == metrics["steps_measured"] for r in metrics["per_rank"])
-    # global samples per step = per-rank batch x ranks: samples are never counted twice
-    per_rank_batch = record["config"]["per_device_batch_size"]
-    assert metrics["global_samples_per_step"] == per_rank_batch * world_size
-    assert record["config"]["global_batch_size"] == per_rank_batch * world_size
+    # global samples per step = per-rank batch x accumulation x ranks: never counted twice
+    config = record["config"]
+    per_rank_step = config["per_device_batch_size"] * config["grad_accum_steps"]
+    assert metrics["global_samples_per_step"] == per_rank_step * world_size
+    assert config["global_batch_size"] == per_rank_step * world_size
     tp = metrics["throughput_img_s"]
     assert 0 < tp["p10"] <= tp["median"] <= tp["p90"]
     assert record["config"]["threads_per_process"] == 1  # OMP_NUM_THREADS=1 in lab_env
@@ -50,34 +102,30 @@ def assert_valid_ddp_result(folder, world_size: int, nnodes: int = 1) -> dict:
     return record
 
 
-@pytest.mark.parametrize("launch", [("--nproc_per_node=2",),
-                                    ("--standalone", "--nproc_per_node=2")])
-def test_torchrun_two_ranks_writes_one_result_with_both_ranks(results_dir, launch):
-    proc = run_script(SCRIPT, *SMOKE, "--results-dir", results_dir,
-                      launcher=torchrun(*launch))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    record = assert_valid_ddp_result(results_dir, world_size=2)
+@pytest.mark.parametrize("launch", [PLAIN_TORCHRUN, STANDALONE_TORCHRUN])
+def test_torchrun_two_ranks_writes_one_result_with_both_ranks(torchrun_run, launch):
+    run = torchrun_run(launch)
+    run.assert_succeeded()
+    record = assert_valid_ddp_result(run.folder, world_size=2)
     assert record["world"]["launcher"] == "torchrun"
     assert record["command"].startswith("torchrun --nnodes=1 --nproc_per_node=2 04_ddp")
     # rank 0 alone prints the summary
-    assert proc.stdout.count("== 04_ddp") == 1
+    assert run.proc.stdout.count("== 04_ddp") == 1
 
 
 @pytest.mark.compat
-def test_self_launch_with_nproc(results_dir):
-    proc = run_script(SCRIPT, *SMOKE, "--nproc", "2", "--results-dir", results_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    record = assert_valid_ddp_result(results_dir, world_size=2)
+def test_self_launch_with_nproc(nproc_options_run):
+    nproc_options_run.assert_succeeded()
+    record = assert_valid_ddp_result(nproc_options_run.folder, world_size=2)
     assert record["world"]["launcher"] == "spawn"
     # the user's command, not the spawned child's `python -c 'from multiprocessing...'`
     assert "04_ddp_training.py" in record["command"]
     assert "--nproc 2" in record["command"] and "multiprocessing" not in record["command"]
 
 
-def test_no_comm_probe_skips_the_compute_only_phase(results_dir):
-    proc = run_script(SCRIPT, *SMOKE, "--no-comm-probe", "--results-dir", results_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    record = read_single_result(results_dir)
+def test_no_comm_probe_skips_the_compute_only_phase(one_process_run):
+    one_process_run.assert_succeeded()
+    record = read_single_result(one_process_run.folder)
     assert record["config"]["comm_probe"] is False
     assert record["metrics"]["compute_only_step_time_s"] is None
     assert record["metrics"]["exposed_comm_s"] is None
@@ -148,12 +196,9 @@ def test_more_ranks_than_gpus_is_refused_for_nccl(monkeypatch):
     distributed.check_backend("nccl", "auto", local_world_size=1)
 
 
-def test_ddp_options_are_recorded(results_dir):
-    proc = run_script(SCRIPT, *SMOKE, "--nproc", "2", "--bucket-cap-mb", "5",
-                      "--comm-hook", "fp16", "--grad-accum-steps", "2",
-                      "--run-name", "options", "--results-dir", results_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    config = read_single_result(results_dir)["config"]
+def test_ddp_options_are_recorded(nproc_options_run):
+    nproc_options_run.assert_succeeded()
+    config = read_single_result(nproc_options_run.folder)["config"]
     assert config["bucket_cap_mb"] == 5.0
     assert config["static_graph"] is False
     assert config["comm_hook"] == "fp16"
@@ -164,11 +209,10 @@ def test_ddp_options_are_recorded(results_dir):
     assert config["broadcast_buffers"] is False
 
 
-def test_legacy_local_rank_argument_is_accepted(results_dir):
+def test_legacy_local_rank_argument_is_accepted(one_process_run):
     """torch.distributed.launch passes --local-rank=N (and --local_rank in old releases)."""
-    proc = run_script(SCRIPT, *SMOKE, "--local_rank=0", "--results-dir", results_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert read_single_result(results_dir)["world"]["world_size"] == 1
+    one_process_run.assert_succeeded()
+    assert read_single_result(one_process_run.folder)["world"]["world_size"] == 1
 
 
 def test_static_graph_with_accumulation_is_refused_before_any_work(results_dir):
@@ -179,11 +223,14 @@ def test_static_graph_with_accumulation_is_refused_before_any_work(results_dir):
     assert result_files(results_dir) == []
 
 
-def test_static_graph_runs_and_is_recorded(results_dir):
-    proc = run_script(SCRIPT, *SMOKE, "--nproc", "2", "--static-graph", "--results-dir",
-                      results_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert read_single_result(results_dir)["config"]["static_graph"] is True
+def test_static_graph_runs_and_is_recorded(torchrun_run):
+    """The standalone torchrun run carries --static-graph; the plain one does not."""
+    static = torchrun_run(STANDALONE_TORCHRUN)
+    static.assert_succeeded()
+    assert read_single_result(static.folder)["config"]["static_graph"] is True
+    plain = torchrun_run(PLAIN_TORCHRUN)
+    plain.assert_succeeded()
+    assert read_single_result(plain.folder)["config"]["static_graph"] is False
 
 
 def test_sync_bn_on_the_cpu_is_refused_with_exit_2(results_dir):
