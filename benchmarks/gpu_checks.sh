@@ -29,7 +29,7 @@ if [ "$part" = all ] || [ "$part" = 1 ]; then
   step gloo_rehearsal "$py" 04_ddp_training.py --nproc 2 --backend gloo --preset smoke --device cuda --results-dir "$out/rgloo"
   step env01 bash -c "time $py 01_environment_check.py --results-dir $out/env"
   # includes the sync-debug test: the steady-state step never synchronises (bf16, fp16)
-  step pytest_gpu "$py" -m pytest -q -m "gpu or multigpu" tests
+  step pytest_gpu "$py" -m pytest -q -n0 -m "gpu or multigpu" tests  # one process: the GPU tests share one device
 fi
 if [ "$part" = all ] || [ "$part" = 2 ]; then
   step bare_compile "$py" benchmarks/bare_loop.py --batch-size 256 --amp bf16 --channels-last --compile --warmup 15 --steps 60
