@@ -260,6 +260,11 @@ def _rank(local_rank: int, main: Callable[[], None], nproc: int, threads: int,
                       WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                       GROUP_WORLD_SIZE="1", LAB_LAUNCHER="spawn",
                       LAB_LAUNCHER_PID=str(os.getppid()))
+    # The launcher's death reaches this rank as SIGINT (PR_SET_PDEATHSIG), and its Ctrl-C
+    # is passed on as SIGINT: a launcher started in the background (`&`, nohup, some CI)
+    # hands its ranks SIGINT ignored, and they would train on alone. Listen again.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     torch.set_num_threads(threads)
     try:
         _main_with_plain_rendezvous_errors(main)
