@@ -48,7 +48,7 @@ def check_backend(requested: str, device: str, local_world_size: int) -> None:
 
 
 def check_launch(args) -> None:
-    """Refuse, before any rank starts, the launches that cannot work (cli.validate calls
+    """Refuse, before any rank starts, the launches that cannot work (cli.parse_args calls
     it for 04: in the parent for --nproc, in every rank under torchrun)."""
     started_by_torchrun = (os.environ.get("LOCAL_RANK") is not None
                            and os.environ.get("LAB_LAUNCHER") != "spawn")
