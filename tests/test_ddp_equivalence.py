@@ -1,13 +1,15 @@
 """DDP computes what one process would on the whole batch: the strongest DDP test.
 
-Workers start with torch.multiprocessing.spawn and meet through a FileStore in pytest's
-tmp_path (no port to collide on), over gloo with one thread per rank. They train with the
-lab's own pieces: labs.train.Trainer, labs.train.build_optimizer and DDP wrapped as 04
-wraps it (gradient_as_bucket_view, small buckets so there are several).
+The module starts its ranks once (torch.multiprocessing.spawn; a rank costs a torch import,
+seconds on a small CPU): they meet through a FileStore in pytest's tmp_path (no port to
+collide on), over gloo with one thread per rank, and run every scenario below one after
+the other in one process group. They train with the lab's own pieces: labs.train.Trainer,
+labs.train.build_optimizer and DDP wrapped as 04 wraps it (gradient_as_bucket_view, small
+buckets so there are several). The tests then compare what each rank saved.
 
-The test model has no batch norm on purpose: BatchNorm normalises each rank's half-batch
-with that half's own mean and variance, so the per-rank gradients are not those of the
-concatenated batch (only SyncBatchNorm, which needs GPUs, would make them equal).
+The test model has no batch norm on purpose: BatchNorm normalises each rank's share of the
+batch with that share's own mean and variance, so the per-rank gradients are not those of
+the concatenated batch (only SyncBatchNorm, which needs GPUs, would make them equal).
 """
 
 from __future__ import annotations
@@ -22,12 +24,20 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from labs import distributed, train
+from labs import data, distributed, train
 from labs.measure import Meter
 
 BATCH_PER_RANK = 4
-WORLD = 2
+WORLD = 3  # not a power of two: the validation set below splits unevenly over the ranks
+SCENARIOS = {  # name: (micro-batches per optimizer step, skip the all-reduce with no_sync?)
+    "one-step": (1, True),
+    "accumulated": (2, True),
+    "accumulated-without-no-sync": (2, False),
+}
+EVAL_SIZE = 7  # divisible by neither 2 nor 3: a padding sampler would repeat images
 
+
+# --- training: one DDP step equals one step on the concatenated batch ---------------------
 
 def tiny_model() -> nn.Module:
     torch.manual_seed(0)
@@ -42,7 +52,7 @@ def global_batch(micro_batches: int):
     return torch.randn(n, 3, 12, 12, generator=gen), torch.randint(0, 5, (n,), generator=gen)
 
 
-def rows_for(rank: int, micro: int, micro_batches: int):
+def rows_for(rank: int, micro: int):
     """Rank r's rows for micro-step m, laid out so all ranks' micro-step m together are one
     contiguous block of the global batch."""
     start = (micro * WORLD + rank) * BATCH_PER_RANK
@@ -63,82 +73,28 @@ def one_step(model, micro_batches: int, batches, skip_grad_sync=None) -> nn.Modu
     return model
 
 
-def _worker(rank: int, store_path: str, micro_batches: int, out_dir: str,
-            use_no_sync: bool) -> None:
-    torch.set_num_threads(1)
-    store = dist.FileStore(store_path, WORLD)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
-    try:
-        model = DDP(tiny_model(), bucket_cap_mb=0.001, gradient_as_bucket_view=True,
-                    **distributed.buffer_sync(False))
-        all_reduces = {"count": 0}
+def train_on_rank(rank: int, micro_batches: int, use_no_sync: bool) -> dict:
+    """One DDP step of the tiny model on this rank's rows, its all-reduces counted."""
+    model = DDP(tiny_model(), bucket_cap_mb=0.001, gradient_as_bucket_view=True,
+                **distributed.buffer_sync(False))
+    all_reduces = {"count": 0}
 
-        def counting_allreduce(state, bucket):
-            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    def counting_allreduce(state, bucket):
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-            state["count"] += 1
-            return default_hooks.allreduce_hook(None, bucket)
+        state["count"] += 1
+        return default_hooks.allreduce_hook(None, bucket)
 
-        model.register_comm_hook(all_reduces, counting_allreduce)
-        images, labels = global_batch(micro_batches)
-        batches = [(images[rows_for(rank, m, micro_batches)],
-                    labels[rows_for(rank, m, micro_batches)]) for m in range(micro_batches)]
-        one_step(model, micro_batches, batches,
-                 skip_grad_sync=model.no_sync if use_no_sync else None)
-        torch.save({"state": model.module.state_dict(), "all_reduces": all_reduces["count"]},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def run_ddp(tmp_path, micro_batches: int, use_no_sync: bool = True) -> list[dict]:
-    tag = f"{micro_batches}-{use_no_sync}"
-    out = tmp_path / f"out{tag}"
-    out.mkdir()
-    mp.spawn(_worker, args=(str(tmp_path / f"store{tag}"), micro_batches, str(out),
-                            use_no_sync), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
-
-
-def single_process_reference(micro_batches: int) -> dict:
+    model.register_comm_hook(all_reduces, counting_allreduce)
     images, labels = global_batch(micro_batches)
-    model = one_step(tiny_model(), 1, [(images, labels)])
-    return model.state_dict()
+    batches = [(images[rows_for(rank, m)], labels[rows_for(rank, m)])
+               for m in range(micro_batches)]
+    one_step(model, micro_batches, batches,
+             skip_grad_sync=model.no_sync if use_no_sync else None)
+    return {"state": model.module.state_dict(), "all_reduces": all_reduces["count"]}
 
 
-def assert_same_weights(a: dict, b: dict, atol: float) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
-
-
-def test_one_ddp_step_equals_one_step_on_the_concatenated_batch(tmp_path):
-    ranks = run_ddp(tmp_path, micro_batches=1)
-    # identical on both ranks: bit for bit, as both applied the same averaged gradient
-    assert_same_weights(ranks[0]["state"], ranks[1]["state"], atol=0)
-    reference = single_process_reference(micro_batches=1)
-    assert_same_weights(ranks[0]["state"], reference, atol=1e-5)
-    # the step really moved the weights (an equality of untouched weights proves nothing)
-    untouched = tiny_model().state_dict()
-    assert any(not torch.allclose(untouched[k], reference[k]) for k in reference)
-
-
-def test_gradient_accumulation_with_no_sync_equals_the_large_batch_step(tmp_path):
-    accumulated = run_ddp(tmp_path, micro_batches=2)
-    assert_same_weights(accumulated[0]["state"], accumulated[1]["state"], atol=0)
-    assert_same_weights(accumulated[0]["state"], single_process_reference(2), atol=1e-5)
-    # no_sync skipped the all-reduce of the first micro-step: a step costs the all-reduces
-    # of one backward, where accumulating without no_sync costs those of every micro-step
-    plain = run_ddp(tmp_path, micro_batches=1)
-    without_no_sync = run_ddp(tmp_path, micro_batches=2, use_no_sync=False)
-    assert accumulated[0]["all_reduces"] == plain[0]["all_reduces"] >= 1
-    # (DDP re-buckets after its first backward, so the second micro-step may use more
-    # buckets than the first: compare, don't multiply)
-    assert without_no_sync[0]["all_reduces"] > accumulated[0]["all_reduces"]
-    assert_same_weights(without_no_sync[0]["state"], accumulated[0]["state"], atol=1e-5)
-
-
-# --- evaluation: every validation image counts exactly once over the ranks ---------------
+# --- evaluation: every validation image counts exactly once over the ranks ----------------
 
 class IndexImages(torch.utils.data.Dataset):
     """Image i is filled with the number i; every label is 0."""
@@ -168,43 +124,109 @@ class ParityModel(nn.Module):
         return 5 * torch.stack([1 - odd, odd], dim=1) + 0 * self.weight
 
 
-def _eval_worker(rank: int, world: int, store_path: str, out_dir: str, size: int) -> None:
-    from labs import data
+def evaluate_on_rank(rank: int, world: int) -> dict:
+    """This rank's share of the validation set, evaluated as 04 does; the counts are
+    all-reduced over the process group."""
+    cpu = torch.device("cpu")
+    module = ParityModel()
+    model = DDP(module, **distributed.buffer_sync(False))
+    meter = Meter(cpu, warmup_steps=0, samples_per_step=2)
+    trainer = train.Trainer(model, train.build_optimizer(model, 0.1, cpu), cpu,
+                            amp="off", channels_last=False, grad_accum_steps=1,
+                            meter=meter, steps_per_epoch=1, epochs=1,
+                            reduce_sum=distributed.all_reduce_sum, show_progress=False)
+    loader = data.eval_loader(IndexImages(EVAL_SIZE), 2, cpu, 0,
+                              data.ShardSampler(EVAL_SIZE, rank, world))
+    entry = trainer.evaluate(loader, epoch=0)
+    return {"entry": entry, "seen": module.seen, "training": module.training}
 
+
+# --- the ranks, started once for the module -----------------------------------------------
+
+def _worker(rank: int, store_path: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, WORLD), rank=rank,
+                            world_size=WORLD)
     try:
-        cpu = torch.device("cpu")
-        module = ParityModel()
-        model = DDP(module, **distributed.buffer_sync(False))
-        meter = Meter(cpu, warmup_steps=0, samples_per_step=2)
-        trainer = train.Trainer(model, train.build_optimizer(model, 0.1, cpu), cpu,
-                                amp="off", channels_last=False, grad_accum_steps=1,
-                                meter=meter, steps_per_epoch=1, epochs=1,
-                                reduce_sum=distributed.all_reduce_sum, show_progress=False)
-        loader = data.eval_loader(IndexImages(size), 2, cpu, 0,
-                                  data.ShardSampler(size, rank, world))
-        entry = trainer.evaluate(loader, epoch=0)
-        torch.save({"entry": entry, "seen": module.seen, "training": module.training},
-                   os.path.join(out_dir, f"eval{rank}.pt"))
+        out = {name: train_on_rank(rank, *how) for name, how in SCENARIOS.items()}
+        out["eval"] = evaluate_on_rank(rank, WORLD)
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_distributed_evaluation_counts_every_validation_image_once(tmp_path, world):
-    size = 7  # divisible by none of 2 and 3: a padding sampler would repeat images
-    mp.spawn(_eval_worker, args=(world, str(tmp_path / "store"), str(tmp_path), size),
-             nprocs=world, join=True)
-    ranks = [torch.load(tmp_path / f"eval{r}.pt", weights_only=False) for r in range(world)]
-    seen = sorted(i for r in ranks for i in r["seen"])
-    assert seen == list(range(size))  # every image evaluated, on exactly one rank
-    even = len(range(0, size, 2))
-    expected_loss = (size - even) * 5 / size + math.log1p(math.exp(-5))
-    for r in ranks:  # the same all-reduced numbers on every rank
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    """What each of the WORLD ranks computed, by scenario."""
+    folder = tmp_path_factory.mktemp("ddp-equivalence")
+    mp.spawn(_worker, args=(str(folder / "store"), str(folder)), nprocs=WORLD, join=True)
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def single_process_reference(micro_batches: int) -> dict:
+    images, labels = global_batch(micro_batches)
+    model = one_step(tiny_model(), 1, [(images, labels)])
+    return model.state_dict()
+
+
+def assert_same_weights(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
+
+
+def assert_same_on_every_rank(runs: list[dict]) -> None:
+    """Bit for bit: every rank applied the same averaged gradient."""
+    for other in runs[1:]:
+        assert_same_weights(runs[0]["state"], other["state"], atol=0)
+
+
+def test_one_ddp_step_equals_one_step_on_the_concatenated_batch(ranks):
+    step = [r["one-step"] for r in ranks]
+    assert_same_on_every_rank(step)
+    reference = single_process_reference(micro_batches=1)
+    assert_same_weights(step[0]["state"], reference, atol=1e-5)
+    # the step really moved the weights (an equality of untouched weights proves nothing)
+    untouched = tiny_model().state_dict()
+    assert any(not torch.allclose(untouched[k], reference[k]) for k in reference)
+
+
+def test_gradient_accumulation_with_no_sync_equals_the_large_batch_step(ranks):
+    accumulated = [r["accumulated"] for r in ranks]
+    assert_same_on_every_rank(accumulated)
+    assert_same_weights(accumulated[0]["state"], single_process_reference(2), atol=1e-5)
+    # no_sync skipped the all-reduce of the first micro-step: a step costs the all-reduces
+    # of one backward, where accumulating without no_sync costs those of every micro-step
+    plain, without_no_sync = ranks[0]["one-step"], ranks[0]["accumulated-without-no-sync"]
+    assert accumulated[0]["all_reduces"] == plain["all_reduces"] >= 1
+    # (DDP re-buckets after its first backward, so the second micro-step may use more
+    # buckets than the first: compare, don't multiply)
+    assert without_no_sync["all_reduces"] > accumulated[0]["all_reduces"]
+    assert_same_weights(without_no_sync["state"], accumulated[0]["state"], atol=1e-5)
+
+
+def evaluate_alone(tmp_path) -> list[dict]:
+    """A world of one, in this process: its own group, gone again afterwards."""
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1),
+                            rank=0, world_size=1)
+    try:
+        return [evaluate_on_rank(0, 1)]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [1, WORLD])
+def test_distributed_evaluation_counts_every_validation_image_once(ranks, tmp_path, world):
+    evaluated = evaluate_alone(tmp_path) if world == 1 else [r["eval"] for r in ranks]
+    seen = sorted(i for r in evaluated for i in r["seen"])
+    assert seen == list(range(EVAL_SIZE))  # every image evaluated, on exactly one rank
+    if world > 1:
+        assert all(r["seen"] for r in evaluated)  # and every rank had a share
+    even = len(range(0, EVAL_SIZE, 2))
+    expected_loss = (EVAL_SIZE - even) * 5 / EVAL_SIZE + math.log1p(math.exp(-5))
+    for r in evaluated:  # the same all-reduced numbers on every rank
         entry = r["entry"]
-        assert entry["samples"] == size and entry["epoch"] == 1
-        assert entry["accuracy"] == pytest.approx(even / size)
+        assert entry["samples"] == EVAL_SIZE and entry["epoch"] == 1
+        assert entry["accuracy"] == pytest.approx(even / EVAL_SIZE)
         assert entry["loss"] == pytest.approx(expected_loss, rel=1e-6)
         assert r["training"]  # back in training mode afterwards
