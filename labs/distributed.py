@@ -190,11 +190,35 @@ class _Process:
             return False
 
 
+# The tensors of the last gather, alive until the process ends: see gather_to_rank0.
+_OUTLIVE_THE_GROUP: list[torch.Tensor] = []
+
+
 def gather_to_rank0(obj):
-    """Every rank's picklable ``obj``, as a list on rank 0 (None elsewhere)."""
-    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, gathered, dst=0)
-    return gathered
+    """Every rank's picklable ``obj``, as a list on rank 0 (None elsewhere).
+
+    What ``dist.gather_object`` does, but with tensors that outlive the process group.
+    gather_object's own tensors die when it returns, while gloo's worker thread may still
+    hold the finished work item; that thread then frees them with its queue locked, and
+    needs the GIL to do so. If the main thread meanwhile tears the group down (DDP's
+    reducer let go at the end of main: GIL held, waiting for that lock), both wait for
+    ever: a rank that hung at exit, seen on torch 2.4.1 on a loaded CPU."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if dist.get_backend() == "nccl" else torch.device("cpu"))
+    payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
+    size = torch.tensor([payload.numel()], device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    padded = torch.zeros(int(max(n.item() for n in sizes)), dtype=torch.uint8, device=device)
+    padded[:payload.numel()] = payload
+    slots = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
+    dist.gather(padded, slots, dst=0)
+    _OUTLIVE_THE_GROUP.extend([payload, size, *sizes, padded, *(slots or [])])
+    if slots is None:
+        return None
+    return [pickle.loads(slot[:int(n.item())].cpu().numpy().tobytes())
+            for slot, n in zip(slots, sizes)]
 
 
 def all_gather(obj) -> list:

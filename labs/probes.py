@@ -234,9 +234,12 @@ def copy_bandwidth(index: int, notes: list[str], size_bytes: int = COPY_BYTES,
 # --- all-reduce --------------------------------------------------------------------------
 
 def _time_allreduce(size_bytes: int, rank: int, world_size: int, device: torch.device,
-                    warmup: int, iters: int) -> dict:
-    """One message size on one rank: median time after warmup, and every result checked."""
+                    warmup: int, iters: int, keep: list) -> dict:
+    """One message size on one rank: median time after warmup, and every result checked.
+    The tensor goes into ``keep``, alive until the process group is gone (see
+    labs.distributed.gather_to_rank0: freed by gloo's worker thread, it can hang exit)."""
     tensor = torch.empty(size_bytes // 4, dtype=torch.float32, device=device)
+    keep.append(tensor)
     correct = torch.ones((), dtype=torch.bool, device=device)
     times, events = [], []
     for i in range(warmup + iters):
@@ -274,8 +277,9 @@ def _allreduce_worker(rank: int, world_size: int, backend: str, store_path: str,
     store = dist.FileStore(store_path, world_size)  # rendezvous: no port to collide on
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=ALLREDUCE_TIMEOUT_S), **extra)
+    used: list[torch.Tensor] = []
     try:
-        rows = [_time_allreduce(size, rank, world_size, device, warmup, iters)
+        rows = [_time_allreduce(size, rank, world_size, device, warmup, iters, used)
                 for size in sizes]
     finally:
         dist.destroy_process_group()
