@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -53,6 +57,39 @@ def run_script(script: str, *args: str, timeout: float = 120, env: dict | None =
     cmd = (launcher or [sys.executable]) + [str(REPO / script), *map(str, args)]
     return subprocess.run(cmd, cwd=cwd or REPO, env=env or lab_env(), capture_output=True,
                           text=True, timeout=timeout)
+
+
+_MODULES: dict[str, object] = {}
+
+
+def run_in_process(script: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """``python SCRIPT ARGV`` without a new interpreter: cli.run(main) with sys.argv,
+    the environment and stdout/stderr swapped for the call. For input a step refuses:
+    the same code path as a user's run, without the seconds a new process spends
+    importing torch. Every such refusal is also tried as a subprocess somewhere."""
+    import torch.distributed as dist
+
+    from labs import cli
+
+    if script not in _MODULES:
+        spec = importlib.util.spec_from_file_location(f"lab_step{script[:2]}", REPO / script)
+        _MODULES[script] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_MODULES[script])
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with mock.patch.object(sys, "argv", [script, *argv]), \
+            mock.patch.dict(os.environ, lab_env(), clear=True), \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli.run(_MODULES[script].main)
+        except SystemExit as exit_:
+            code = exit_.code
+        finally:
+            # 04 refuses some input after joining its process group; a process would now
+            # exit, this one goes on to other tests (which may start a group of their own)
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    return subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
 
 
 def torchrun(*args: str) -> list[str]:

@@ -10,9 +10,6 @@ background while the other tests run, so the module takes about a minute on 2 co
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import io
 import json
 import os
 import pickle
@@ -24,13 +21,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from unittest import mock
 
 import psutil
 import pytest
 import torch
 
-from conftest import REPO, lab_env, result_files, run_script, torchrun
+from conftest import REPO, lab_env, result_files, run_in_process, run_script, torchrun
 from labs.results import load_result
 
 GPU_VISIBLE = bool(os.environ.get("LAB_TEST_CUDA_VISIBLE_DEVICES"))
@@ -182,35 +178,6 @@ class Jobs:
     def close(self):
         for pool in (self.quick, self.slow):
             pool.shutdown(wait=True, cancel_futures=True)
-
-
-_MODULES: dict[str, object] = {}
-
-
-def run_in_process(script: str, argv: list[str]) -> subprocess.CompletedProcess:
-    """``python SCRIPT ARGV`` without a new interpreter: cli.run(main) with sys.argv,
-    the environment and stdout/stderr swapped for the call."""
-    from labs import cli
-
-    if script not in _MODULES:
-        spec = importlib.util.spec_from_file_location(f"lab_step{script[:2]}", REPO / script)
-        _MODULES[script] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(_MODULES[script])
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with mock.patch.object(sys, "argv", [script, *argv]), \
-            mock.patch.dict(os.environ, lab_env(), clear=True), \
-            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            cli.run(_MODULES[script].main)
-        except SystemExit as exit_:
-            code = exit_.code
-        finally:
-            # 04 refuses some input after joining its process group; a process would now
-            # exit, this one goes on to other tests (which may start a group of their own)
-            if torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
-    return subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
 
 
 def _bad_case(base: Path, case: str, script: str, argv: list[str]):

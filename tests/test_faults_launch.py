@@ -21,9 +21,9 @@ import psutil
 import pytest
 import torch
 
-from conftest import REPO, lab_env, result_files, run_script
+from conftest import REPO, lab_env, result_files, run_in_process, run_script
 from labs.results import load_result
-from test_faults import Live, run_in_process
+from test_faults import Live
 
 SMOKE = ["--preset", "smoke"]
 S02, S04 = "02_baseline_single_gpu.py", "04_ddp_training.py"

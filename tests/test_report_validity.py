@@ -1,7 +1,8 @@
 """Step 05 never headlines noise, and explains DDP, DataParallel and AMP from what the
 runs measured. Each scenario is a results folder of hand-made records (copies of one real
-02 run, see test_report.make_run) that 05 reads in a subprocess, as a user runs it; the
-tests read the HTML and the CSV it writes."""
+02 run, see test_report.make_run) that 05 reads through its own command line (in this
+process: test_report runs it as a subprocess); the tests read the HTML and the CSV it
+writes."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import run_script
+from conftest import run_in_process
 from test_report import Page, make_run, write
 
 from labs import bandwidth
@@ -26,8 +27,8 @@ SWEEP_BUSBW_GB_S = 20.0
 def report(results: Path) -> tuple[str, pd.DataFrame]:
     """Run 05 on ``results``; the HTML text and the CSV of the main table."""
     out = results.parent / "comparison_report.html"
-    proc = run_script("05_performance_comparison.py", "--results-dir", results,
-                      "--output-report", out, cwd=results.parent)
+    proc = run_in_process("05_performance_comparison.py",
+                          ["--results-dir", str(results), "--output-report", str(out)])
     assert proc.returncode == 0, proc.stderr
     return out.read_text(encoding="utf-8"), pd.read_csv(out.with_suffix(".csv"))
 
@@ -154,8 +155,9 @@ def test_markdown_shows_the_headline_and_the_flags(tmp_path, noisy_lab):
     raw, _ = noisy_lab
     results = Path(re.search(r"from <code>([^<]+)</code>", raw).group(1))
     out = tmp_path / "report.md"
-    proc = run_script("05_performance_comparison.py", "--results-dir", results,
-                      "--format", "md", "--output-report", out, cwd=tmp_path)
+    proc = run_in_process("05_performance_comparison.py", ["--results-dir", str(results),
+                                                            "--format", "md",
+                                                            "--output-report", str(out)])
     assert proc.returncode == 0, proc.stderr
     text = out.read_text(encoding="utf-8")
     assert text.index("**Headline.**") < text.index("## Verdict")

@@ -230,12 +230,10 @@ def test_the_device_named_by_device_becomes_the_current_device(monkeypatch):
 
 
 @pytest.mark.compat
-def test_a_cpu_run_with_nvml_installed_notes_that_nvml_saw_no_gpu(tmp_path):
+def test_a_cpu_run_with_nvml_installed_notes_that_nvml_saw_no_gpu(runs):
     pytest.importorskip("pynvml")  # nvidia-ml-py, in the dev extra
-    proc = run_script(SCRIPT, "--preset", "smoke", "--device", "cpu", "--results-dir",
-                      tmp_path, timeout=TIMEOUT_S * 2)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    (path,) = tmp_path.glob("*.json")
-    loaded = load_result(path)
-    assert loaded.ok and loaded.record["status"] == "ok", loaded.reason
-    assert any("NVML saw no GPU" in note for note in loaded.record["notes"])
+    if GPU_VISIBLE:
+        pytest.skip("a GPU is visible to the children")
+    record, _, _ = ok_record(runs, "smoke")  # a CPU run: no GPU visible, --device auto
+    assert record["status"] == "ok"
+    assert any("NVML saw no GPU" in note for note in record["notes"])

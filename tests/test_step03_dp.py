@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import read_single_result, result_files, run_script
+from conftest import read_single_result, result_files, run_in_process, run_script
 from labs import envinfo
 from labs.dp import AutocastForward, check_compile
 from labs.errors import UsageError
@@ -86,8 +86,9 @@ def test_03_on_cpu_runs_and_records_the_degenerate_case(results_dir):
 def test_03_asking_for_gpus_that_do_not_exist_is_a_usage_error(results_dir, gpus):
     if torch.cuda.is_available() and torch.cuda.device_count() > 4:
         pytest.skip("this machine has those GPUs")
-    proc = run_script(SCRIPT, "--preset", "smoke", "--gpus", gpus, "--results-dir",
-                      results_dir)
+    # in this process: test_faults tries the same refusal as a subprocess
+    proc = run_in_process(SCRIPT, ["--preset", "smoke", "--gpus", gpus, "--results-dir",
+                                   str(results_dir)])
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "--gpus" in proc.stderr
     assert result_files(results_dir) == []

@@ -10,7 +10,8 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from conftest import lab_env, read_single_result, result_files, run_script, torchrun
+from conftest import (lab_env, read_single_result, result_files, run_in_process, run_script,
+                      torchrun)
 from labs import distributed, envinfo, launch
 from labs.errors import UsageError
 from labs.results import load_result
@@ -180,7 +181,9 @@ def test_a_rank_killed_mid_run_restarts_from_the_checkpoint(results_dir, tmp_pat
     ("--backend", "nccl", "--nproc", "2"),  # refused before spawning
 ])
 def test_nccl_without_gpus_is_refused_with_exit_2(results_dir, extra):
-    proc = run_script(SCRIPT, *SMOKE, *extra, "--results-dir", results_dir)
+    argv = [*SMOKE, *extra, "--results-dir", str(results_dir)]
+    # --nproc is the launcher's (a new process); the plain refusal runs main() here
+    proc = run_script(SCRIPT, *argv) if "--nproc" in extra else run_in_process(SCRIPT, argv)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "nccl" in lines[0].lower() and "gloo" in lines[0]
@@ -234,7 +237,7 @@ def test_static_graph_runs_and_is_recorded(torchrun_run):
 
 
 def test_sync_bn_on_the_cpu_is_refused_with_exit_2(results_dir):
-    proc = run_script(SCRIPT, *SMOKE, "--sync-bn", "--results-dir", results_dir)
+    proc = run_in_process(SCRIPT, [*SMOKE, "--sync-bn", "--results-dir", str(results_dir)])
     assert proc.returncode == 2
     assert "--sync-bn needs CUDA" in proc.stderr and "Traceback" not in proc.stderr
     assert result_files(results_dir) == []
