@@ -201,8 +201,8 @@ def gather_to_rank0(obj):
     gather_object's own tensors die when it returns, while gloo's worker thread may still
     hold the finished work item; that thread then frees them with its queue locked, and
     needs the GIL to do so. If the main thread meanwhile tears the group down (DDP's
-    reducer let go at the end of main: GIL held, waiting for that lock), both wait for
-    ever: a rank that hung at exit, seen on torch 2.4.1 on a loaded CPU."""
+    reducer let go at the end of main: GIL held, waiting for that lock), both wait
+    forever: a rank that hung at exit, seen on torch 2.4.1 on a loaded CPU."""
     world, rank = dist.get_world_size(), dist.get_rank()
     device = (torch.device("cuda", torch.cuda.current_device())
               if dist.get_backend() == "nccl" else torch.device("cpu"))
