@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import weakref
 from dataclasses import dataclass
 
 from labs.compat import OutOfMemoryError
@@ -58,12 +59,15 @@ def install(trainer) -> None:
     fault = from_env()
     if fault is None:
         return
-    step, meter = trainer.step, trainer.meter
+    # Weakly: a wrapper holding the bound method would make a cycle (trainer -> wrapper
+    # -> trainer) that keeps the model, and 04's process group with it, alive until the
+    # interpreter's last garbage collection, a lifetime a run without LAB_FAULT never has.
+    step, meter = weakref.WeakMethod(trainer.step), trainer.meter
 
     def step_with_fault(batches, loss_sum):
         if not meter.in_compute_only:  # the steps after training are not counted
             fault.maybe_fire(meter.steps_done)
-        step(batches, loss_sum)
+        step()(batches, loss_sum)
 
     trainer.step = step_with_fault
 
