@@ -190,31 +190,40 @@ class _Process:
             return False
 
 
-# The tensors of the last gather, alive until the process ends: see gather_to_rank0.
-_OUTLIVE_THE_GROUP: list[torch.Tensor] = []
+# Work handles of collectives run through run_collective, alive until the process ends.
+_OUTLIVE_THE_GROUP: list = []
+
+
+def run_collective(op, *args, **kwargs) -> None:
+    """``op(*args, **kwargs)``, a torch.distributed collective, waited for; safe as the last
+    collective before the group is torn down.
+
+    gloo's worker thread lets go of a finished collective a moment after the caller wakes.
+    If that drops the last C++ reference to a tensor Python knows, the thread needs the
+    GIL. When the main thread is by then destroying the group (GIL held: a rank hangs at
+    exit, seen on torch 2.4.1) or finalizing the interpreter (the thread is killed inside
+    a destructor: "terminate called", SIGABRT, seen on torch 2.14), it never gets it. So
+    the collective runs with async_op and its work handle, which holds the tensors, is
+    kept for the life of the process: the worker's reference is never the last one."""
+    work = op(*args, **kwargs, async_op=True)
+    work.wait()
+    _OUTLIVE_THE_GROUP.append(work)
 
 
 def gather_to_rank0(obj):
-    """Every rank's picklable ``obj``, as a list on rank 0 (None elsewhere).
-
-    What ``dist.gather_object`` does, but with tensors that outlive the process group.
-    gather_object's own tensors die when it returns, while gloo's worker thread may still
-    hold the finished work item; that thread then frees them with its queue locked, and
-    needs the GIL to do so. If the main thread meanwhile tears the group down (DDP's
-    reducer let go at the end of main: GIL held, waiting for that lock), both wait
-    forever: a rank that hung at exit, seen on torch 2.4.1 on a loaded CPU."""
+    """Every rank's picklable ``obj``, as a list on rank 0 (None elsewhere): what
+    ``dist.gather_object`` does, but safe as a run's last collective (run_collective)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     device = (torch.device("cuda", torch.cuda.current_device())
               if dist.get_backend() == "nccl" else torch.device("cpu"))
     payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
     size = torch.tensor([payload.numel()], device=device)
     sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
+    run_collective(dist.all_gather, sizes, size)
     padded = torch.zeros(int(max(n.item() for n in sizes)), dtype=torch.uint8, device=device)
     padded[:payload.numel()] = payload
     slots = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
-    dist.gather(padded, slots, dst=0)
-    _OUTLIVE_THE_GROUP.extend([payload, size, *sizes, padded, *(slots or [])])
+    run_collective(dist.gather, padded, slots, dst=0)
     if slots is None:
         return None
     return [pickle.loads(slot[:int(n.item())].cpu().numpy().tobytes())

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from labs.bandwidth import algbw_gb_s, busbw, predict_allreduce_s
 from labs.compat import OutOfMemoryError
 from labs.data import workers_per_process
+from labs.distributed import run_collective
 from labs import fmt
 
 # The default model's gradients: ResNet-50 (1000 classes) has 25,557,032 parameters,
@@ -234,12 +235,11 @@ def copy_bandwidth(index: int, notes: list[str], size_bytes: int = COPY_BYTES,
 # --- all-reduce --------------------------------------------------------------------------
 
 def _time_allreduce(size_bytes: int, rank: int, world_size: int, device: torch.device,
-                    warmup: int, iters: int, keep: list) -> dict:
+                    warmup: int, iters: int) -> dict:
     """One message size on one rank: median time after warmup, and every result checked.
-    The tensor goes into ``keep``, alive until the process group is gone (see
-    labs.distributed.gather_to_rank0: freed by gloo's worker thread, it can hang exit)."""
+    Each all-reduce goes through run_collective: the last one comes just before
+    destroy_process_group, and a plain call there can hang or abort the rank at exit."""
     tensor = torch.empty(size_bytes // 4, dtype=torch.float32, device=device)
-    keep.append(tensor)
     correct = torch.ones((), dtype=torch.bool, device=device)
     times, events = [], []
     for i in range(warmup + iters):
@@ -247,14 +247,14 @@ def _time_allreduce(size_bytes: int, rank: int, world_size: int, device: torch.d
         if device.type == "cuda":
             start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
             start.record()
-            dist.all_reduce(tensor)
+            run_collective(dist.all_reduce, tensor)
             end.record()
             if i >= warmup:
                 events.append((start, end))
         else:
             dist.barrier()  # start together, so one rank's lateness is not timed
             t0 = time.perf_counter()
-            dist.all_reduce(tensor)  # gloo on CPU tensors returns when done
+            run_collective(dist.all_reduce, tensor)  # gloo on CPU: returns when done
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
         correct &= check_allreduce(tensor, world_size)
@@ -277,9 +277,8 @@ def _allreduce_worker(rank: int, world_size: int, backend: str, store_path: str,
     store = dist.FileStore(store_path, world_size)  # rendezvous: no port to collide on
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=ALLREDUCE_TIMEOUT_S), **extra)
-    used: list[torch.Tensor] = []
     try:
-        rows = [_time_allreduce(size, rank, world_size, device, warmup, iters, used)
+        rows = [_time_allreduce(size, rank, world_size, device, warmup, iters)
                 for size in sizes]
     finally:
         dist.destroy_process_group()

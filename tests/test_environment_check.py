@@ -210,8 +210,8 @@ def test_timed_allreduce_detects_a_sum_that_is_not_n_n_plus_1_over_2(tmp_path):
                             timeout=timedelta(seconds=30))
     try:
         cpu = torch.device("cpu")
-        right = probes._time_allreduce(4096, 0, 1, cpu, warmup=1, iters=2, keep=[])
-        wrong = probes._time_allreduce(4096, 0, 2, cpu, warmup=1, iters=2, keep=[])
+        right = probes._time_allreduce(4096, 0, 1, cpu, warmup=1, iters=2)
+        wrong = probes._time_allreduce(4096, 0, 2, cpu, warmup=1, iters=2)
     finally:
         dist.destroy_process_group()
     assert right["correct"] is True and right["size_bytes"] == 4096
