@@ -61,7 +61,8 @@ def main() -> None:
                       config=results.config_from_args(
                           args, per_device_batch_size=args.batch_size,
                           global_batch_size=samples_per_step,
-                          steps_per_epoch=steps, amp=amp, lr=lr, num_workers=num_workers))
+                          steps_per_epoch=steps, amp=amp, lr=lr, num_workers=num_workers,
+                          train_set=data.describe(dataset)))
 
     with run.guard(meter):  # OOM, Ctrl-C or a crash still writes a result with its status
         for epoch in range(args.epochs):

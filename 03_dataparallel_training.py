@@ -73,7 +73,8 @@ def main() -> None:
                           args, per_device_batch_size=args.batch_size // len(devices),  # DP:
                           global_batch_size=samples_per_step,
                           gpus=gpu_ids,  # DP: which GPUs shared each batch
-                          steps_per_epoch=steps, amp=amp, lr=lr, num_workers=num_workers))
+                          steps_per_epoch=steps, amp=amp, lr=lr, num_workers=num_workers,
+                          train_set=data.describe(dataset)))
     run.note(*dp.notes(args.batch_size, gpu_ids))  # DP: one device, or an uneven split
 
     with run.guard(meter):  # OOM, Ctrl-C or a crash still writes a result with its status

@@ -89,7 +89,8 @@ def main() -> None:
                           args, per_device_batch_size=args.batch_size,
                           global_batch_size=samples_per_step * ranks.world_size,  # DDP:
                           **distributed.ddp_config(args, backend, raw_model),  # DDP: options
-                          steps_per_epoch=steps, amp=amp, lr=lr, num_workers=num_workers))
+                          steps_per_epoch=steps, amp=amp, lr=lr, num_workers=num_workers,
+                          train_set=data.describe(dataset)))
     run.note(*distributed.launch_notes(run.record["world"], device))  # DDP: how it ran
 
     with run.guard(meter, distributed.PeerReports(ranks.rank, ranks.world_size)):  # DDP:

@@ -76,6 +76,15 @@ def resident_bytes(dataset: Dataset) -> int:
     return dataset.pool_bytes if isinstance(dataset, SyntheticImages) else 0
 
 
+def describe(dataset: Dataset) -> dict:
+    """What training draws from, for the result: how many images and, for local files
+    (whose labels are real), how many classes they cover. A --dataset-size subset of an
+    image folder must cover them all: the first N files in class order would be one."""
+    targets = getattr(dataset, "targets", None)  # LocalSplit's; generated data has none
+    return {"images": len(dataset),
+            "classes": len(set(targets)) if targets is not None else None}
+
+
 def _already_batched(batch):
     return batch
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import run_script
+from test_data import make_image_folder
 from labs import envinfo
 from labs.results import load_result
 
@@ -27,6 +28,9 @@ GOOD = {
     "fake-1-worker": ["--preset", "smoke", "--data", "fake", "--num-workers", "1"],
     "bf16-channels-last": ["--preset", "smoke", "--amp", "bf16", "--channels-last"],
     "grad-accum-2": ["--preset", "smoke", "--grad-accum-steps", "2"],
+    # 3 classes of 8 files; the first 16 in class order would be classes a and b only
+    "image-folder-subset": ["--preset", "smoke", "--data", "imagefolder", "--num-classes", "3",
+                            "--dataset-size", "16", "--no-eval"],
 }
 
 GPU_VISIBLE = bool(os.environ.get("LAB_TEST_CUDA_VISIBLE_DEVICES"))
@@ -76,6 +80,9 @@ class Runs:
                 (folder / "a-file").write_text("not a folder")
                 results_dir = folder / "a-file" / "results"
             argv = _argv(case, results_dir)
+            if case == "image-folder-subset":
+                images = make_image_folder(folder / "images", ("a", "b", "c"), per_class=8)
+                argv += ["--data-dir", str(images)]
             future = self.pool.submit(run_script, SCRIPT, *argv, timeout=TIMEOUT_S)
             self.futures[case] = (future, results_dir, argv)
         return self.futures[case]
@@ -193,6 +200,19 @@ def test_grad_accumulation_doubles_the_global_batch(runs, case):
     assert cfg["grad_accum_steps"] == 2
     assert cfg["global_batch_size"] == 2 * cfg["per_device_batch_size"]
     assert record["metrics"]["global_samples_per_step"] == cfg["global_batch_size"]
+
+
+@pytest.mark.parametrize("case", ["image-folder-subset"])
+def test_a_dataset_size_subset_of_an_image_folder_covers_every_class(runs, case):
+    record, _, _ = ok_record(runs, case)
+    assert record["config"]["train_set"] == {"images": 16, "classes": 3}
+
+
+@pytest.mark.parametrize("case", ["smoke"])
+def test_generated_data_records_its_size_and_no_classes(runs, case):
+    record, _, _ = ok_record(runs, case)
+    assert record["config"]["train_set"] == {"images": record["config"]["dataset_size"],
+                                             "classes": None}
 
 
 # --- runs that must be refused -----------------------------------------------------------------
