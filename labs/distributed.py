@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import socket
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,9 @@ class PeerReports:
     echo. Best effort: the store may be gone with the rank that hosts it."""
 
     KEY = "lab/failure/rank{}"
+    # A SIGKILLed rank's sockets close (its peers' collectives break) a moment before the
+    # kernel marks it dead; on a busy machine that moment can be long enough to miss.
+    DEATH_GRACE_S = 2.0
 
     def __init__(self, rank: int, world_size: int):
         """A collective call: every rank makes it (it learns where the others run)."""
@@ -120,8 +124,9 @@ class PeerReports:
         a rank on another host)."""
         if self.rank == 0:
             return None
+        deadline = time.monotonic() + self.DEATH_GRACE_S
         for lower in range(self.rank):
-            if not self.processes[lower].is_dead():
+            if not self.processes[lower].dead_by(deadline):
                 return None
         return 0
 
@@ -174,6 +179,15 @@ class _Process:
     @staticmethod
     def this() -> "_Process":
         return _Process(socket.gethostname(), os.getpid(), psutil.Process().create_time())
+
+    def dead_by(self, deadline: float) -> bool:
+        """is_dead, asked again until the time.monotonic() ``deadline`` (at once for a
+        process on another host: that cannot be told from here)."""
+        while not self.is_dead():
+            if self.host != socket.gethostname() or time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
 
     def is_dead(self) -> bool:
         """True only when it is certain: same host, and the process is gone (or a

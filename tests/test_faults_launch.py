@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from conftest import REPO, lab_env, result_files, run_in_process, run_script
+from labs import distributed
 from labs.results import load_result
 from test_faults import Live
 
@@ -225,6 +226,33 @@ def test_a_killed_rank_0_is_recorded_by_rank_1(tmp_path):
     assert "rank 0" in record["failure"]["reason"] and "rank 1 recorded" in \
         record["failure"]["reason"]
     assert record["metrics"]["steps_measured"] > 0  # rank 1's own measurements
+
+
+def _peers_of_rank_1(rank_0_pid: int) -> distributed.PeerReports:
+    peers = object.__new__(distributed.PeerReports)  # no process group: places by hand
+    peers.rank, peers.world_size = 1, 2
+    peers.processes = [distributed._Process(socket.gethostname(), rank_0_pid,
+                                            psutil.Process(rank_0_pid).create_time()),
+                       distributed._Process.this()]
+    return peers
+
+
+def test_rank_1_gives_a_dying_rank_0_a_moment_to_be_marked_dead():
+    """A SIGKILLed rank's sockets close a moment before the kernel marks it dead. Rank 1,
+    its collective broken, asked once in that moment, took rank 0 for alive and left the
+    run unrecorded (once in a suite run). Here rank 0 ends a moment after the question."""
+    dying = subprocess.Popen(["sleep", "0.3"])
+    try:
+        assert _peers_of_rank_1(dying.pid).writer_lost() == 0
+    finally:
+        dying.kill()
+        dying.wait()
+    alive = subprocess.Popen(["sleep", "600"])
+    try:
+        assert _peers_of_rank_1(alive.pid).writer_lost() is None  # alive: not rank 1's job
+    finally:
+        alive.kill()
+        alive.wait()
 
 
 def test_a_killed_launcher_is_not_recorded_as_ctrl_c(tmp_path):
