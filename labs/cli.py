@@ -369,21 +369,48 @@ def check_early(parse: Callable[[], object]) -> None:
 # Set by 04's --nproc launcher for its ranks: the user's command, for their result.
 LAUNCH_COMMAND = "LAB_LAUNCH_COMMAND"
 
+# Variables that shape a run (threads per process on the CPU; which GPUs are visible),
+# written before the command when set, so that copying the line reproduces the run.
+RUN_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+
+
+def env_prefix(torchrun_ranks: int = 1) -> list[str]:
+    """``NAME=value`` for each of RUN_ENV_VARS set in this process's environment (the lab
+    never changes them in its own process), shell-quoted.
+
+    Under torchrun with several ranks per node, torchrun itself sets OMP_NUM_THREADS=1
+    when the user did not: a rank cannot tell that from a user's own
+    ``OMP_NUM_THREADS=1``, so it is left out (torchrun sets it again on a rerun). Any
+    other value is the user's."""
+    words = []
+    for name in RUN_ENV_VARS:
+        value = os.environ.get(name)
+        if value is None:
+            continue
+        if name == "OMP_NUM_THREADS" and torchrun_ranks > 1 and value.strip() == "1":
+            continue
+        words.append(f"{name}={shlex.quote(value)}")
+    return words
+
 
 def command_line() -> str:
-    """The command that reproduces this run, with the launcher when we can tell."""
+    """The command that reproduces this run, with the launcher when we can tell and the
+    environment variables that shaped it (``OMP_NUM_THREADS=1 python 02_... --preset
+    smoke``)."""
     if os.environ.get(LAUNCH_COMMAND):  # a rank of --nproc: its argv is `python -c`
-        return os.environ[LAUNCH_COMMAND]
+        return os.environ[LAUNCH_COMMAND]  # the launcher's line, its environment included
     argv = list(getattr(sys, "orig_argv", sys.argv))
     script_args = sys.argv
     if os.environ.get("TORCHELASTIC_RUN_ID") is not None:  # started by torchrun
         nnodes = os.environ.get("GROUP_WORLD_SIZE", "1")
         nproc = os.environ.get("LOCAL_WORLD_SIZE", "1")
         launcher = ["torchrun", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}"]
-        return shlex.join(launcher + [Path(script_args[0]).name] + script_args[1:])
+        ranks = int(nproc) if nproc.isdigit() else 2  # unknown: assume torchrun set OMP
+        return " ".join(env_prefix(torchrun_ranks=ranks) + [
+            shlex.join(launcher + [Path(script_args[0]).name] + script_args[1:])])
     if argv and Path(argv[0]).name.startswith("python"):
         argv[0] = "python"
-    return shlex.join(argv)
+    return " ".join(env_prefix() + [shlex.join(argv)])
 
 
 def run(main) -> None:

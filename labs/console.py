@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from labs.fmt import gib
@@ -77,7 +78,11 @@ def _accuracy_lines(cfg: dict, metrics: dict) -> list[str]:
 
 
 def warn_if_slow_on_cpu(device, preset: str | None, show: bool = True) -> None:
-    """A full ResNet-50 run on a CPU takes hours: say so before it starts."""
+    """A full ResNet-50 run on a CPU takes hours: say so before it starts, and that a CPU
+    device is one thread (``train.configure_backends``)."""
     if show and device.type == "cpu" and preset is None:
         print("warning: no GPU in use: a full ResNet-50 run on the CPU takes hours; "
               "try --preset smoke (seconds) or --preset cpu (a minute)", file=sys.stderr)
+        if not os.environ.get("OMP_NUM_THREADS", "").strip():
+            print("note: on the CPU each process runs one thread (OMP_NUM_THREADS "
+                  "overrides), so 02 and 04's ranks compare like with like", file=sys.stderr)

@@ -146,7 +146,9 @@ def free_port() -> int:
 
 def threads_per_rank(nproc: int) -> int:
     """Like torchrun: share the cores between the ranks instead of each rank taking all
-    of them (N ranks x all cores threads thrash; on CPU that is many times slower)."""
+    of them (N ranks x all cores threads thrash). This is what GPU ranks keep; a rank on
+    the CPU then runs one thread (``train.configure_backends``) unless OMP_NUM_THREADS
+    is set."""
     if os.environ.get("OMP_NUM_THREADS"):
         return int(os.environ["OMP_NUM_THREADS"])
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

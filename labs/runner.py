@@ -55,8 +55,8 @@ class Command:
 
     def display(self) -> str:
         argv = ["python" if a == sys.executable else a for a in self.argv]
-        prefix = [f"{k}={v}" for k, v in self.env.items()]
-        return shlex.join(prefix + argv)
+        prefix = [f"{k}={shlex.quote(v)}" for k, v in self.env.items()]
+        return " ".join(prefix + [shlex.join(argv)])
 
 
 @dataclass
@@ -98,15 +98,13 @@ def build_plan(args, gpu_count: int) -> Plan:
 
     env: dict[str, dict] = {}
     if n == 0:
-        from labs.launch import threads_per_rank
-
         ranks = 2
-        plan.notes.append(f"No GPU: every step runs on the CPU; 04 uses {ranks} processes "
-                          f"over gloo. The numbers show the mechanics, not GPU speed.")
-        # 04's ranks share the cores; 02 and 03 get one rank's share, so that the
-        # baseline matches DDP's threads per process and efficiency compares like with like.
-        threads = {"OMP_NUM_THREADS": str(threads_per_rank(ranks))}
-        env = {"02": threads, "03": threads}
+        # One thread per process on the CPU (train.configure_backends) unless the user set
+        # OMP_NUM_THREADS, which every step inherits: 02's baseline matches each of 04's
+        # ranks, so efficiency compares like with like.
+        plan.notes.append(f"No GPU: every step runs on the CPU, one thread per process; 04 "
+                          f"uses {ranks} processes over gloo. The numbers show the "
+                          f"mechanics, not GPU speed.")
         # A learnable task, computed from the seed: the report can then show that the
         # methods reach the same accuracy, and how long each takes to get there.
         learn = ["--data", "shapes"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 import time
 from typing import Callable, ContextManager
@@ -51,7 +52,16 @@ def autocast_dtype(amp: str) -> torch.dtype | None:
 
 
 def configure_backends(device: torch.device) -> None:
-    """Library switches every GPU run wants (recorded in the result's config)."""
+    """Library switches every run wants (recorded in the result's config).
+
+    On the CPU a device is one thread: each process (02, 03 and every rank of 04) runs one
+    thread, so 02 is one device and ``04 --nproc 2`` is two on any number of cores, and
+    the report pairs them like with like (``config.threads_per_process``). An
+    ``OMP_NUM_THREADS`` in the environment wins: the user's (or torchrun's, which sets 1
+    for its ranks) is kept. On GPUs the CPU threads only launch kernels: left as they are.
+    """
+    if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS", "").strip():
+        torch.set_num_threads(1)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # autotune convolutions; warmup absorbs it
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 parts

@@ -73,12 +73,23 @@ def test_plan_for_four_gpus_is_the_lab_commands():
     assert amp == ["auto", "off"]  # the fp32 reference: AMP's effect is measured
 
 
-def test_plan_for_the_cpu_gives_the_baseline_one_ranks_threads(monkeypatch):
+def test_plan_for_the_cpu_leaves_threads_to_the_steps(monkeypatch):
+    """On the CPU every step runs one thread per process by itself (a user's
+    OMP_NUM_THREADS, inherited by every step, wins): the runner sets no variable, so each
+    step's command, as shown and as recorded, is what a user would type."""
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    steps = by_step(runner.build_plan(Args(), gpu_count=0))
-    assert steps["02"].env == {"OMP_NUM_THREADS": "3"} == steps["03"].env
-    assert steps["04"].env == {}
-    assert [c.step for c in runner.build_plan(Args(), gpu_count=0).commands].count("02") == 1
+    plan = runner.build_plan(Args(), gpu_count=0)
+    steps = by_step(plan)
+    assert all(c.env == {} for c in plan.commands)
+    assert steps["02"].display().startswith("python ")
+    assert any("one thread per process" in note for note in plan.notes)
+    assert [c.step for c in plan.commands].count("02") == 1
+
+
+def test_a_step_shown_with_its_environment_can_be_pasted_into_a_shell():
+    command = runner.Command("04", [sys.executable, "04_ddp_training.py", "--epochs", "1"],
+                             env={"CUDA_VISIBLE_DEVICES": ""})
+    assert command.display() == "CUDA_VISIBLE_DEVICES='' python 04_ddp_training.py --epochs 1"
 
 
 def test_plan_for_one_gpu_labels_world_size_one():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 from pathlib import Path
 from typing import NamedTuple
@@ -17,6 +18,8 @@ from labs.errors import UsageError
 from labs.results import load_result
 
 SCRIPT = "04_ddp_training.py"
+# lab_env's CUDA_VISIBLE_DEVICES as a result's command records it ('' hides the GPUs)
+VISIBLE = "CUDA_VISIBLE_DEVICES=" + shlex.quote(lab_env()["CUDA_VISIBLE_DEVICES"])
 SMOKE = ("--preset", "smoke")
 PLAIN_TORCHRUN = ("--nproc_per_node=2",)
 STANDALONE_TORCHRUN = ("--standalone", "--nproc_per_node=2")
@@ -109,7 +112,11 @@ def test_torchrun_two_ranks_writes_one_result_with_both_ranks(torchrun_run, laun
     run.assert_succeeded()
     record = assert_valid_ddp_result(run.folder, world_size=2)
     assert record["world"]["launcher"] == "torchrun"
-    assert record["command"].startswith("torchrun --nnodes=1 --nproc_per_node=2 04_ddp")
+    command = record["command"]
+    # lab_env's variables first; not OMP_NUM_THREADS=1, which torchrun would have set for
+    # two ranks anyway: a rank cannot tell who set it
+    assert command.startswith(f"MKL_NUM_THREADS=1 {VISIBLE} torchrun --nnodes=1 "
+                              f"--nproc_per_node=2 04_ddp"), command
     # rank 0 alone prints the summary
     assert run.proc.stdout.count("== 04_ddp") == 1
 
@@ -122,6 +129,9 @@ def test_self_launch_with_nproc(nproc_options_run):
     # the user's command, not the spawned child's `python -c 'from multiprocessing...'`
     assert "04_ddp_training.py" in record["command"]
     assert "--nproc 2" in record["command"] and "multiprocessing" not in record["command"]
+    # the launcher's environment (lab_env's), before the launcher's own line
+    assert record["command"].startswith(f"OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 {VISIBLE} "
+                                        f"python ")
 
 
 def test_no_comm_probe_skips_the_compute_only_phase(one_process_run):
