@@ -72,13 +72,25 @@ def main(argv=None) -> None:
     runs = analysis.run_frame(folder)
     table = analysis.compare(runs)
 
-    # 3. Figures, including step 01's all-reduce bandwidth when it was measured.
-    allreduce, why_not = environment.allreduce_series(folder.environments, folder.file_of)
-    figures = plots.make_plots(table, allreduce, why_not)
+    # 3. Per machine (host and device model): its figures, and its own step 01's all-reduce.
+    figures: list[plots.Plot] = []
+
+    def machine_figures(machine):
+        drawn = plots.machine_plots(machine.rows, machine.slug)
+        figures.extend(drawn)
+        return drawn
+
+    def bandwidth_figure(machine):
+        if not machine.step01:
+            return None
+        series, why_not = environment.allreduce_series(machine.step01, folder.file_of)
+        drawn = plots.allreduce_plot(series, why_not, machine.slug)
+        figures.append(drawn)
+        return drawn
 
     # 4. Render: the same context becomes HTML (autoescaped) or Markdown.
-    context = render.build_context(folder, table, figures,
-                                   generated_by=cli.command_line())
+    context = render.build_context(folder, table, machine_figures, cli.command_line(),
+                                   bandwidth_figure)
     to_save = [f for f in figures if args.generate_plots and f.png is not None]
     if args.format == "html":
         text = render.html(context)  # figures embedded as data URIs, always
@@ -93,16 +105,18 @@ def main(argv=None) -> None:
     write(out.csv, render.csv(table))
     write(out.report, text)
 
+    counts = context["counts"]
     print(f"report   {out.report}\ntable    {out.csv}")
     if args.generate_plots:
         print(f"plots    {len(to_save)} PNG file(s) beside the report")
-    print(f"runs     {len(folder.runs)} compared in {len(table)} configuration(s), "
-          f"{len(folder.unfinished)} unfinished, {len(folder.skipped)} file(s) skipped")
+    print(f"runs     {counts['runs']} on {counts['machines']} machine(s): {counts['rows']} "
+          f"table row(s) in {counts['configurations']} configuration(s), "
+          f"{counts['unfinished']} unfinished, {counts['skipped']} file(s) skipped")
     for name, reason in folder.skipped:
         print(f"skipped  {name}: {reason}")
     for name, parts in folder.parts_skipped.items():
         print(f"partly   {name}: {len(parts)} part(s) skipped, each named in the report's "
-              f"Environment section")
+              f"step-01 details")
 
 
 def write(path: Path, content) -> None:

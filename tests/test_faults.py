@@ -499,7 +499,7 @@ def test_report_skips_bad_files_and_never_unpickles(jobs, tmp_path):
     assert set(skipped) == {"truncated.json", "garbage.json", "huge.json", "pickled.json"}
     assert "too large" in skipped["huge.json"]
     assert "not valid JSON" in skipped["truncated.json"]
-    assert "runs     1 compared" in proc.stdout
+    assert "runs     1 on 1 machine(s)" in proc.stdout
     html = report.read_text()
     for name in skipped:
         assert name in html

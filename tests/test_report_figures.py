@@ -1,7 +1,7 @@
-"""Step 05's figures and small tables say exactly what they measured: axes from zero, the
-N = 1 efficiency as measured, device capacity on the memory plot, legends that describe
-what is drawn, flagged runs greyed out, step 01's probes as tables with units, and one
-time unit per column."""
+"""Step 05's figures and small tables say exactly what they measured: axes from zero, no
+efficiency point for world size 1, device capacity on the memory plot, legends that
+describe what is drawn, flagged runs greyed out, step 01's probes as tables with units,
+and one time unit per column. (The figures of one machine: test_report_plots_machine.)"""
 
 from __future__ import annotations
 
@@ -58,13 +58,14 @@ def test_one_time_unit_per_column():
 
 
 def test_epoch_column_uses_one_unit(table):
-    epochs = [r["epoch"] for r in render.table_rows(table) if r["epoch"] != "n/a"]
+    """Run details' time per epoch: one unit for the column, ms only when all are < 1 s."""
+    epochs = [r["epoch"] for r in render.detail_rows(table) if r["epoch"] != "n/a"]
     assert len(epochs) >= 5
     unit = epochs[0].split()[-1]
     assert all(e.split()[-1] == unit for e in epochs), epochs
     fast = table[table["epoch_time_s"] < 1]
     assert not fast.empty and len(fast) < len(table)  # the data mixes < 1 s and > 1 s
-    assert all(r["epoch"].endswith(" ms") for r in render.table_rows(fast))
+    assert all(r["epoch"].endswith(" ms") for r in render.detail_rows(fast))
 
 
 # --- step 01's probes ------------------------------------------------------------------------
@@ -140,19 +141,25 @@ def test_magnitude_axes_start_at_zero(table, real_run):
     assert fig.axes[0].get_xscale() == "log"  # message size may be logarithmic
 
 
-def test_efficiency_at_one_device_is_measured(table):
+def test_world_size_one_is_not_an_efficiency_point(table):
+    """DDP x1 ran at 0.95x its baseline: a wrapper's overhead, not scaling. It is no point
+    of the efficiency figure; only the baseline star sits at N = 1."""
+    assert row(table, "DDP ×1")["speedup"] == pytest.approx(0.95)
     fig, caption = plots.plot_efficiency(table)
     ax = fig.axes[0]
     lines = {line.get_label(): line for line in ax.get_lines()}
-    ddp = lines["DDP"]
-    assert list(ddp.get_xdata()) == [1, 4]
-    assert list(ddp.get_ydata()) == pytest.approx([95.0, 90.0])  # DDP ×1 ran at 0.95×
-    dp = lines["DataParallel"]
-    assert list(dp.get_xdata()) == [2]  # no DP run on one GPU: no assumed 100% point
+    assert list(lines["DDP"].get_xdata()) == [4]
+    assert list(lines["DDP"].get_ydata()) == pytest.approx([90.0])
+    assert list(lines["DataParallel"].get_xdata()) == [2]
+    at_one = [tuple(p) for c in ax.collections for p in c.get_offsets() if p[0] == 1]
+    assert at_one == [(1, 100)]  # the star: the baseline, 100% by definition
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert legend == ["DataParallel", "DDP", "single-device baseline (100% by definition)",
                       "ideal scaling (100%)"]
-    assert "N = 1" in caption
+    assert "two or more devices" in caption and "N = 1" not in caption
+    assert ax.get_ylabel() == "weak-scaling efficiency (%)"
+    assert caption.startswith("Weak scaling: every device kept the baseline's per-device "
+                              "batch (8 images), so the global batch grew with N.")
 
 
 def test_memory_plot_marks_device_capacity(table):
@@ -160,8 +167,8 @@ def test_memory_plot_marks_device_capacity(table):
     fig, caption = plots.plot_memory(table)
     ax = fig.axes[0]
     ticks = [seg for c in ax.collections for seg in c.get_segments()]
-    gpu_bars = len(ax.patches)  # the CPU run has no bar: no allocator statistics
-    assert len(ticks) == gpu_bars >= 9
+    gpu_rows = len(ax.patches)  # one bar per GPU configuration; the CPU run has none
+    assert len(ticks) == gpu_rows >= 5
     assert all(seg[0][0] == pytest.approx(80) for seg in ticks)
     assert ax.get_xlim()[1] > 80
     assert "device's total memory" in [t.get_text() for t in fig.legends[0].get_texts()]
@@ -169,6 +176,21 @@ def test_memory_plot_marks_device_capacity(table):
     no_capacity = table.assign(mem_capacity=[[] for _ in range(len(table))])
     fig, caption = plots.plot_memory(no_capacity)
     assert not fig.axes[0].collections and "total memory" not in caption
+
+
+def test_memory_plot_shows_every_device_of_a_configuration(table):
+    """One row per configuration, however many devices: the bar is the largest peak, a
+    dot each device's, and DataParallel's heavier GPU 0 shows in the value."""
+    fig, caption = plots.plot_memory(table)
+    ax = fig.axes[0]
+    labels = [plots.unwrap_label(t.get_text()) for t in ax.get_yticklabels()]
+    dp = labels.index("DP ×2")
+    assert ax.patches[dp].get_width() == pytest.approx(14.0)
+    assert plots.value_labels(fig)[dp] == "9.0–14.0 GiB"
+    dots = [line for line in ax.get_lines() if list(line.get_ydata()) == [dp, dp]]
+    assert len(dots) == 1 and sorted(dots[0].get_xdata()) == pytest.approx([9.0, 14.0])
+    assert "each device's peak" in [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "GPU 0" in caption
 
 
 def test_device_capacity_from_the_device_or_the_environment():
@@ -195,34 +217,39 @@ def test_step_time_legend_says_what_is_drawn(table):
 
 
 def test_flagged_rows_are_grey_and_hatched(table):
+    for draw in (plots.plot_throughput, plots.plot_epoch_time):
+        fig, caption = draw(flagged(table, "DDP ×4"))
+        bars = fig.axes[0].patches
+        labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+        bad = bars[labels.index("DDP ×4")]
+        assert same_color(bad.get_facecolor(), plots.UNRELIABLE) and bad.get_hatch() == "///"
+        good = bars[labels.index("DP ×2")]
+        assert same_color(good.get_facecolor(), plots.COLORS["dp"]) and not good.get_hatch()
+        assert "flagged unreliable" in [t.get_text() for t in fig.legends[0].get_texts()]
     fig, caption = plots.plot_throughput(flagged(table, "DDP ×4"))
-    bars = fig.axes[0].patches
-    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
-    bad = bars[labels.index("DDP ×4")]
-    assert same_color(bad.get_facecolor(), plots.UNRELIABLE) and bad.get_hatch() == "///"
-    good = bars[labels.index("DP ×2")]
-    assert same_color(good.get_facecolor(), plots.COLORS["dp"]) and not good.get_hatch()
-    assert "flagged unreliable" in [t.get_text() for t in fig.legends[0].get_texts()]
     assert "Grey hatched" in caption
     fig, _ = plots.plot_throughput(table.drop(columns="flags"))  # no column: no greying
     assert not any(bar.get_hatch() for bar in fig.axes[0].patches)
 
 
 def test_flagged_efficiency_point_is_not_a_method_point(table):
-    fig, _ = plots.plot_efficiency(flagged(table, "DDP ×4"))
+    fig, caption = plots.plot_efficiency(flagged(table, "DDP ×4"))
     ax = fig.axes[0]
     lines = {line.get_label(): line for line in ax.get_lines()}
-    assert list(lines["DDP"].get_xdata()) == [1]  # ×4 left out of the DDP line
+    assert "DDP" not in lines  # its one point (x4) is flagged: no DDP line
+    assert list(lines["DataParallel"].get_xdata()) == [2]
     greyed = [c for c in ax.collections if c.get_label() == "flagged unreliable (not joined)"]
     assert len(greyed) == 1
     assert [tuple(p) for p in greyed[0].get_offsets()] == [(4, pytest.approx(90.0))]
     assert same_color(greyed[0].get_facecolor()[0], plots.UNRELIABLE)
+    assert "Grey crosses" in caption
 
 
 def test_plots_survive_tables_without_new_columns(table):
-    old = table.drop(columns=[c for c in ("mem_capacity", "flags") if c in table.columns])
-    made = plots.make_plots(old, [], "no all-reduce")
-    drawn = {p.key for p in made if p.png}
+    old = table.drop(columns=[c for c in ("mem_capacity", "flags", "scaling", "scaling_mode")
+                              if c in table.columns])
+    made = plots.machine_plots(old, "m")
+    drawn = {p.metric for p in made if p.png}
     assert {"throughput", "memory", "efficiency", "step_time"} <= drawn, \
         [(p.key, p.reason) for p in made]
 
@@ -254,10 +281,10 @@ def test_one_efficiency_line_per_ddp_setting(tmp_path, real_run):
 def test_epoch_plot_labels_use_the_axis_unit(table):
     fig, _ = plots.plot_epoch_time(table)
     ax = fig.axes[0]
-    labels = [t.get_text().strip() for t in ax.texts]
+    labels = plots.value_labels(fig)
     assert ax.get_xlabel().startswith("seconds per epoch")  # one epoch takes over 1 s
-    assert labels and all(label.endswith(" s") for label in labels), labels
+    assert len(labels) == len(table) and all(label.endswith(" s") for label in labels), labels
     fast = table[table["epoch_time_s"] < 1]
     fig, _ = plots.plot_epoch_time(fast)
     assert fig.axes[0].get_xlabel().startswith("milliseconds per epoch")
-    assert all(t.get_text().strip().endswith(" ms") for t in fig.axes[0].texts)
+    assert all(label.endswith(" ms") for label in plots.value_labels(fig))

@@ -23,8 +23,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from test_report import (H100, environment_file, make_run, parse, run05, step05,
-                         write)
+from test_report import (H100, SLUG_A, environment_file, machine_sections, make_run, parse,
+                         run05, step05, write)
 
 from labs import files
 from labs.report import plots
@@ -81,8 +81,10 @@ NASTY = ["$\\frac{1}{0}$", "$x^{", "cost $5", "$x^{$", "$\\notacommand$",
 
 def test_text_from_files_is_drawn_literally(tmp_path, real_run, step05, capsys,
                                             monkeypatch):
-    """Device, run, model, setting and file names with ``$`` and ``\\`` reach every
-    figure (tick labels, legends) and are drawn as the characters they are."""
+    """Model, setting and file names with ``$`` and ``\\`` reach the figures (tick
+    labels, legends) and are drawn as the characters they are. Device names are in no
+    figure (each machine has its own figures, and its labels never name its device): they
+    are the machines' headings, text like the run names."""
     results = tmp_path / "results"
     results.mkdir()
     gpu_a, gpu_b = f"GPU {NASTY[0]}", f"GPU {NASTY[3]}"
@@ -91,6 +93,12 @@ def test_text_from_files_is_drawn_literally(tmp_path, real_run, step05, capsys,
                         run_name=NASTY[6])
         base["config"]["model"] = model
         write(results, f"02_{i}.json", base)
+        # A baseline of another model on the same GPUs: the machine's two single-device
+        # rows are told apart by their model, so each model name is in its labels.
+        other = make_run(real_run, strategy="single", n=1, throughput=90.0, gpu=gpu,
+                         run_name=NASTY[6])
+        other["config"]["model"] = NASTY[0]
+        write(results, f"02_{i}_other.json", other)
         for hook, tp in ((NASTY[2], 170.0), (NASTY[4], 180.0)):
             ddp = make_run(real_run, strategy="ddp", n=2, throughput=tp, gpu=gpu,
                            comm_hook=hook, run_name=NASTY[3])
@@ -98,7 +106,9 @@ def test_text_from_files_is_drawn_literally(tmp_path, real_run, step05, capsys,
             write(results, f"04_{i}_{tp:.0f}.json", ddp)
         write(results, f"03_{i}.json", make_run(real_run, strategy="dp", n=2,
                                                 throughput=150.0, gpu=gpu))
-    env = environment_file(real_run)
+    env = environment_file(real_run)  # step 01 of node-a: one gpu_a and one gpu_b
+    env["environment"] = {**env["environment"], "host": "node-a",
+                          "gpus": [{"index": 0, "name": gpu_a}, {"index": 1, "name": gpu_b}]}
     env["probes"]["allreduce"]["backend"] = NASTY[1]
     write(results, "01_$x^{$.json", env)
 
@@ -115,9 +125,14 @@ def test_text_from_files_is_drawn_literally(tmp_path, real_run, step05, capsys,
                             out, "--generate-plots")
     assert code == 0, err
     assert "could not be drawn" not in text_of(out)
+    # Each figure is METRIC_SLUG, one set per machine (node-a's gpu_a and gpu_b).
+    slugs = list(machine_sections(out.read_text(encoding="utf-8")))
+    assert len(slugs) == 2
     keys = [p.stem.removeprefix("r_") for p in tmp_path.glob("r_*.png")]
-    assert set(keys) >= {"throughput", "epoch_time", "memory", "efficiency", "step_time",
-                         "loss", "allreduce"}
+    for slug in slugs:
+        metrics = {k.removesuffix(f"_{slug}") for k in keys if k.endswith(f"_{slug}")}
+        assert metrics >= {"throughput", "epoch_time", "memory", "efficiency", "step_time",
+                           "loss", "allreduce"}, (slug, metrics)
     assert len(drawn) == len(keys)
     from matplotlib.text import Text
 
@@ -132,7 +147,8 @@ def test_text_from_files_is_drawn_literally(tmp_path, real_run, step05, capsys,
     for name in NASTY[:6]:
         assert any(name in s for s in shown), (name, shown)
     report = text_of(out)
-    assert NASTY[0] in report and "lone \ufffd surrogate" in report
+    assert f"node-a · 1 × {gpu_a}" in report and f"node-a · 1 × {gpu_b}" in report
+    assert "lone \ufffd surrogate" in report
 
 
 # --- 2. malformed parts are skipped with a reason ---------------------------------------------
@@ -154,6 +170,10 @@ def test_malformed_probe_points_are_skipped_with_a_reason(lab, tmp_path, real_ru
                                         "size_bytes": 2**28, "gb_s": "NaN"},
                                        {"device": "cuda:0", "direction": "d2h",
                                         "size_bytes": 2**28, "gb_s": 24.6}, "junk"]
+    # node-a's own step 01 (the runs' host and GPU model): its figure is node-a's.
+    env["environment"] = {**env["environment"], "host": "node-a",
+                          "gpus": [{"index": 0, "name": H100,
+                                    "total_memory_bytes": 80 * 2**30}]}
     write(lab, "environment.json", env)
     out = tmp_path / "r.html"
     code, stdout, err = run(step05, capsys, "--results-dir", lab, "--output-report", out,
@@ -161,7 +181,8 @@ def test_malformed_probe_points_are_skipped_with_a_reason(lab, tmp_path, real_ru
     assert code == 0, err
     page = parse(out)
     text = text_of(out)
-    section = text[text.index("From environment.json"):]
+    section = text[text.index("Step 01 on node-a: versions, probes and topology "
+                              "(environment.json)"):]
     for reason in ("probes.allreduce.results[0] skipped: busbw_gb_s is null",
                    "probes.allreduce.results[1] skipped: time_s is a string",
                    "probes.allreduce.results[2] skipped: size_bytes is negative",
@@ -176,7 +197,7 @@ def test_malformed_probe_points_are_skipped_with_a_reason(lab, tmp_path, real_ru
     assert len(sizes) == 8 - 4
     assert ["cuda:0", "bf16", "8192", "1.57", "700"] in page.rows
     assert not any(r[:2] == ["cuda:0", "fp32"] for r in page.rows)
-    assert (tmp_path / "r_allreduce.png").is_file()  # drawn from the good points
+    assert (tmp_path / f"r_allreduce_{SLUG_A}.png").is_file()  # drawn from the good points
     assert "partly   environment.json: 8 part(s) skipped" in stdout
 
 
@@ -291,7 +312,8 @@ def test_refuses_to_replace_a_file_that_is_not_its_own(lab, tmp_path, step05, ca
     elif case == "csv":
         report.with_suffix(".csv").write_text("name,value\nx,1\n")
     elif case == "png":
-        (out_dir / "report_throughput.png").write_bytes(png_bytes("Matplotlib v3"))
+        # a picture of another program where 05 would save node-a's throughput figure
+        (out_dir / f"report_throughput_{SLUG_A}.png").write_bytes(png_bytes("Matplotlib v3"))
     elif case == "json-in-results":
         report = lab / "summary.json"  # does not exist yet: still refused
     else:
@@ -314,12 +336,14 @@ def test_replaces_only_its_own_previous_report(lab, tmp_path, step05, capsys):
     assert run(step05, capsys, "--results-dir", lab, "--output-report", out,
                "--generate-plots")[0] == 0
     assert f'<meta name="generator" content="{GENERATOR}">' in out.read_text()
-    png = tmp_path / "report_throughput.png"
+    (png,) = tmp_path.glob("report_throughput_*.png")
     assert f"Software\x00{GENERATOR}".encode() in png.read_bytes()
-    (tmp_path / "report_loss.png").write_bytes(png_bytes(None))  # an older 05's figure
+    (loss,) = tmp_path.glob("report_loss_*.png")
+    loss.write_bytes(png_bytes(None))  # an older 05's figure: no Software entry, its name
     code, _, err = run(step05, capsys, "--results-dir", lab, "--output-report", out,
                        "--generate-plots")
     assert code == 0, err
+    assert f"Software\x00{GENERATOR}".encode() in loss.read_bytes()  # replaced by 05's own
     md = tmp_path / "report.md"
     assert run(step05, capsys, "--results-dir", lab, "--output-report", md,
                "--format", "md")[0] == 0
@@ -351,7 +375,7 @@ def previous(tmp_path_factory, real_run, step05) -> tuple[Path, Path]:
     return results, out
 
 
-@pytest.mark.parametrize("failing", ["report.html", "report.csv", "report_loss.png"])
+@pytest.mark.parametrize("failing", ["report.html", "report.csv", "report_loss_*.png"])
 @pytest.mark.parametrize("error", [errno.ENOSPC, errno.EROFS])
 def test_disk_errors_while_writing(previous, tmp_path, step05, capsys, monkeypatch, failing,
                                    error):
@@ -365,7 +389,7 @@ def test_disk_errors_while_writing(previous, tmp_path, step05, capsys, monkeypat
     report = out_dir / "report.html"
     previous_report = report.read_bytes()
     real_fsync, real_create = files.os.fsync, files._create_hidden_beside
-    target = out_dir / failing
+    (target,) = out_dir.glob(failing)  # a figure's name ends in its machine's slug
 
     def create(path):
         if error == errno.EROFS and Path(path) == target:
@@ -420,7 +444,7 @@ def test_leftover_temporary_files_are_listed_never_read(lab, tmp_path, step05, c
     out = tmp_path / "r.html"
     code, stdout, err = run(step05, capsys, "--results-dir", lab, "--output-report", out)
     assert code == 0, err
-    assert "runs     2 compared" in stdout
+    assert "runs     2 on 1 machine(s): 2 table row(s)" in stdout
     assert (f"skipped  {stale.name}: a temporary file left by an interrupted write; "
             "safe to delete") in stdout
     assert f"skipped  {fresh.name}: a temporary file" in stdout

@@ -6,17 +6,17 @@ writes."""
 
 from __future__ import annotations
 
-import html as html_lib
 import re
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from conftest import run_in_process
-from test_report import Page, make_run, write
+from test_report import (GIB, H100, machine_sections, main_rows, make_run, part, text_of,
+                         why_paragraphs, write)
 
 from labs import bandwidth
-from labs.report import narrative
+from labs.report import machines
 
 RESNET50_GRADIENT_BYTES = 25_557_032 * 4
 SWEEP_BUSBW_GB_S = 20.0
@@ -33,21 +33,38 @@ def report(results: Path) -> tuple[str, pd.DataFrame]:
     return out.read_text(encoding="utf-8"), pd.read_csv(out.with_suffix(".csv"))
 
 
-def text_of(fragment: str) -> str:
-    """What a reader sees of an HTML fragment: tags dropped, entities decoded."""
-    return " ".join(html_lib.unescape(re.sub(r"<[^>]+>", " ", fragment)).split())
+def section(raw: str) -> str:
+    """The machine's section: each folder here holds the runs of one machine."""
+    sections = machine_sections(raw)
+    assert len(sections) == 1, list(sections)
+    return next(iter(sections.values()))
 
 
 def headline(raw: str) -> str:
-    match = re.search(r'<div class="headline"[^>]*>(.*?)</div>', raw, re.S)
-    assert match, "the report has no headline"
-    return text_of(match.group(1))
+    said = part(section(raw), "headline")
+    assert said, "the report has no headline"
+    return said
 
 
 def verdict(raw: str) -> str:
-    match = re.search(r'<section id="verdict">(.*?)</section>', raw, re.S)
-    assert match, "the report has no verdict"
-    return text_of(match.group(1))
+    said = part(section(raw), "verdict")
+    assert said, "the report has no verdict"
+    return said
+
+
+def why(raw: str) -> str:
+    return part(section(raw), "why")
+
+
+def unreliable(raw: str) -> str:
+    return part(section(raw), "unreliable")
+
+
+def paragraph(raw: str, start: str) -> str:
+    """The one paragraph of the why that starts with ``start``."""
+    found = [p for p in why_paragraphs(section(raw)) if p.startswith(start)]
+    assert len(found) == 1, (start, why_paragraphs(section(raw)))
+    return found[0]
 
 
 def page_text(raw: str) -> str:
@@ -61,17 +78,22 @@ def flags_of(csv: pd.DataFrame, method: str) -> str:
     return "" if pd.isna(value) else str(value)
 
 
-def sweep_environment(base: dict, world_size: int) -> dict:
-    """Step 01's file with an all-reduce sweep at a flat bus bandwidth, every sum right."""
+def sweep_environment(base: dict, world_size: int, host: str = "node-a", gpus: int = 8,
+                      busbw: float = SWEEP_BUSBW_GB_S) -> dict:
+    """Step 01's file of ``host`` with ``gpus`` H100s (make_run's runs are on node-a's
+    H100s): an all-reduce sweep at a flat bus bandwidth, every sum right."""
     sizes = [2**k for k in range(20, 29, 2)]
     results = []
+    environment = {**base["environment"], "host": host,
+                   "gpus": [{"index": i, "name": H100, "total_memory_bytes": 80 * GIB}
+                            for i in range(gpus)]}
     for size in sizes:
-        bus = SWEEP_BUSBW_GB_S
+        bus = busbw
         alg = bus * world_size / (2 * (world_size - 1))
         results.append({"size_bytes": size, "time_s": size / (alg * 1e9), "algbw_gb_s": alg,
                         "busbw_gb_s": bus, "correct": True})
     return {"schema_version": 1, "kind": "environment", "written_at": base["started_at"],
-            "command": "python 01_environment_check.py", "environment": base["environment"],
+            "command": "python 01_environment_check.py", "environment": environment,
             "probes": {"allreduce": {"backend": "nccl", "world_size": world_size,
                                      "device": "cuda", "results": results,
                                      "all_correct": True}}}
@@ -108,16 +130,26 @@ def test_superlinear_figure_is_flagged_and_never_headlined(noisy_lab):
     raw, csv = noisy_lab
     ddp2 = flags_of(csv, "DDP ×2 · b16")
     assert "superlinear" in ddp2 and "105%" in ddp2
-    assert "--repeat 3" in ddp2  # every reason carries its fix
+    # The fix is the same for every kind: stated once under the machine's list of
+    # unreliable figures (and in the methodology), no longer in each reason.
+    assert "--repeat 3" not in ddp2
+    listed = unreliable(raw)
+    assert "DDP ×2 · b16: superlinear: 170% scaling efficiency, above the 105%" in listed
+    assert listed.count("--repeat 3") == 1
+    assert listed.endswith("The fix for each: rerun on a quiet machine, or repeat each run: "
+                           "python -m labs run --repeat 3.")
     assert flags_of(csv, "Single · b8") == "" and flags_of(csv, "DP ×2") == ""
     # 340 img/s on 2 devices against 100: 3.40x, 170% efficiency. Greyed in the table...
-    cell = re.search(r'<td class="eff (\w+)">170%', raw)
-    assert cell and cell.group(1) == "unreliable"
-    # ...but never stated as a result above it.
-    top = headline(raw) + " " + verdict(raw)
-    for figure in ("170%", "340%", "3.40×", "340 img/s"):
-        assert figure not in top
-    assert "left out as unreliable" in verdict(raw) and "DDP ×2 · b16 (superlinear" in top
+    row = main_rows(section(raw))["DDP ×2 · b16"]
+    assert row["flagged"] and "unreliable: superlinear" in row["method"].detail
+    assert row["efficiency"].value == "170%" and "unreliable" in row["efficiency"].classes
+    # ...but never stated as a result: not in the headline, the verdict or the why.
+    for name, said in (("headline", headline(raw)), ("verdict", verdict(raw)),
+                       ("why", why(raw))):
+        for figure in ("170%", "340%", "3.40×", "340 img/s", "340 vs"):
+            assert figure not in said, (name, figure)
+    assert "left out as unreliable" in verdict(raw)
+    assert "DDP ×2 · b16 (superlinear)" in verdict(raw)
 
 
 def test_headline_names_the_fastest_reliable_configuration(noisy_lab):
@@ -125,15 +157,21 @@ def test_headline_names_the_fastest_reliable_configuration(noisy_lab):
     top = headline(raw)
     # DP x2 at 150 img/s is the only reliable multi-device figure: DDP x2 is superlinear,
     # DDP x1 faster than its baseline, DDP x4's repeats disagree.
-    assert "fastest reliable configuration was DataParallel on 2 GPUs" in top
-    assert "150 img/s, 1.50× the single-GPU baseline" in top
-    assert "GPU 0 peaked 56% above the least-loaded GPU" in top  # the measured reason
-    assert raw.index("fastest reliable") < raw.index('<section id="verdict">')  # on top
+    assert top == ("On node-a (H100 80GB HBM3), the fastest reliable configuration was DP ×2 "
+                   "(fp32, global batch 16): 150 img/s, 1.50× the one-GPU baseline (75% "
+                   "weak-scaling efficiency).")  # one sentence
+    # The measured reason is the why's, from this machine's own runs.
+    assert ("DP ×2 on node-a: GPU 0 peaked at 14.00 GiB of memory and the other GPUs at "
+            "9.00 GiB (+56%)") in why(raw)
+    here = section(raw)  # on top: the headline, then the table, then the verdict
+    assert (here.index('<p class="headline">') < here.index('<table class="main">')
+            < here.index('<ul class="verdict">'))
 
 
 def test_noisy_baseline_flags_the_rows_compared_with_it(noisy_lab):
     _, csv = noisy_lab
-    assert "noisy: the throughput p10–p90 spread is 30%" in flags_of(csv, "Single · b16")
+    assert ("noisy: throughput p10–p90 spans 30% of the median (limit 25%)"
+            in flags_of(csv, "Single · b16"))
     compared = flags_of(csv, "DDP ×2 · b32")  # 2 ranks x 16 against the batch-16 baseline
     assert "noisy baseline" in compared and "30%" in compared
     assert "noisy baseline" not in flags_of(csv, "DDP ×2 · b16")
@@ -147,8 +185,12 @@ def test_world_size_one_wrapper_faster_than_its_baseline_is_flagged(noisy_lab):
 
 def test_repeats_that_disagree_are_flagged_and_their_spread_shown(noisy_lab):
     raw, csv = noisy_lab
-    assert "repeats disagree" in flags_of(csv, "DDP ×4")
-    assert "2 runs 300–420 (33% apart)" in page_text(raw)
+    assert ("repeats disagree: the 2 runs' medians span 33% of their median (limit 25%)"
+            in flags_of(csv, "DDP ×4"))
+    row = main_rows(section(raw))["DDP ×4"]
+    assert row["flagged"] and "2 runs" in row["method"].detail
+    assert "runs 300–420" in row["throughput"].detail  # each run's median
+    assert "DDP ×4: repeats disagree: the 2 runs' medians span 33%" in unreliable(raw)
 
 
 def test_markdown_shows_the_headline_and_the_flags(tmp_path, noisy_lab):
@@ -160,9 +202,17 @@ def test_markdown_shows_the_headline_and_the_flags(tmp_path, noisy_lab):
                                                             "--output-report", str(out)])
     assert proc.returncode == 0, proc.stderr
     text = out.read_text(encoding="utf-8")
-    assert text.index("**Headline.**") < text.index("## Verdict")
-    assert "— unreliable: superlinear" in text
-    assert "### Run details" in text
+    bold = f"**{headline(raw)}**"  # the HTML report's headline, nothing in it to escape
+    assert text.index("## node-a · 4 × H100 80GB HBM3") < text.index(bold)
+    assert text.index(bold) < text.index("| Method |") < text.index(
+        "- node-a · left out as unreliable")
+    assert "| DDP ×2 · b16 (unreliable: superlinear) |" in text
+    assert "- DDP ×2 · b16: superlinear: 170% scaling efficiency" in text
+    assert text.count("The fix for each: rerun on a quiet machine") == 2  # + methodology
+    # The run details are not lost (the methodology refers the reader to them): each
+    # rank's step time, the compute-only step.
+    assert re.search(r"^#+ Run details", text, re.M), "no Run details in the Markdown"
+    assert "rank 1 (slowest)" in text and "compute-only 42.4 ms" in text
 
 
 # --- AMP and channels_last, each against the run that differs only in it ------------------
@@ -187,16 +237,27 @@ def amp_lab(tmp_path_factory, real_run):
 
 def test_amp_speedup_and_memory_change_are_reported(amp_lab):
     raw, _ = amp_lab
-    said = verdict(raw)
-    assert ("Mixed precision (AMP) bf16 vs off (DDP ×8, H100 80GB HBM3): 1.90× the "
-            "throughput (14,440 vs 7,600 img/s); peak GPU memory 20.00 GiB → 11.00 GiB "
-            "(-45%)") in said
-    assert "Mixed precision (AMP) bf16 vs off (Single, H100 80GB HBM3): 1.90×" in said
-    assert "channels_last on vs off (DDP ×8, H100 80GB HBM3): 1.10× the throughput" in said
-    assert "Mixed precision and channels_last, measured" in page_text(raw)
+    # Labels tell the precision where it tells rows apart.
+    assert list(main_rows(section(raw))) == ["Single · bf16", "Single · fp32",
+                                             "DDP ×8 · bf16 · NHWC off",
+                                             "DDP ×8 · bf16 · NHWC on", "DDP ×8 · fp32"]
+    # The verdict: the pair on the fewest devices.
+    assert ("node-a · bf16 autocast gave 1.90× the fp32 throughput on 1 GPU (1,900 vs "
+            "1,000 img/s), peak memory -45%.") in verdict(raw)
+    # The why: every pair that differs in one setting only.
+    pairs = why(raw)
+    assert "Settings measured in pairs" in pairs
+    assert ("bf16 autocast against fp32, Single · bf16 on node-a: 1.90× the throughput "
+            "(1,900 vs 1,000 img/s), peak memory 20.0 GiB → 11.0 GiB") in pairs
+    assert ("bf16 autocast against fp32, DDP ×8 · bf16 · NHWC off on node-a: 1.90× the "
+            "throughput (14,440 vs 7,600 img/s), peak memory 20.0 GiB → 11.0 GiB") in pairs
+    assert ("channels_last on against off, DDP ×8 · bf16 · NHWC on on node-a: 1.10× the "
+            "throughput (15,884 vs 14,440 img/s), peak memory 11.0 GiB → 10.0 GiB") in pairs
 
 
-def test_amp_pair_with_a_flagged_row_carries_the_flag(tmp_path, real_run):
+def test_amp_pair_with_a_flagged_row_is_never_stated(tmp_path, real_run):
+    """bf16 against fp32 on the CPU, the bf16 run noisy: the pair is no result. It is left
+    out of the headline, the verdict and the why; the noisy run is listed with its flag."""
     results = tmp_path / "results"
     results.mkdir()
     write(results, "02_fp32.json", make_run(real_run, strategy="single", n=1,
@@ -205,20 +266,29 @@ def test_amp_pair_with_a_flagged_row_carries_the_flag(tmp_path, real_run):
                                             throughput=130.0, gpu="CPU", amp="bf16",
                                             spread=(0.7, 1.2)))
     raw, _ = report(results)
-    said = verdict(raw)
-    assert "bf16 vs off (Single, CPU): 1.30× the throughput" in said
-    assert "memory not measured on CPU" in said
-    assert "Unreliable (noisy)" in said
+    for name, said in (("headline", headline(raw)), ("verdict", verdict(raw)),
+                       ("why", why(raw))):
+        for figure in ("1.30×", "130 img/s", "130 vs", "bf16 autocast"):
+            assert figure not in said, (name, figure)
+    assert "node-a · left out as unreliable: Single · bf16 (noisy)" in verdict(raw)
+    assert ("Single · bf16: noisy: throughput p10–p90 spans 50% of the median"
+            in unreliable(raw))
+    bf16 = main_rows(section(raw))["Single · bf16"]
+    assert bf16["flagged"] and bf16["throughput"].value == "130"  # greyed, still shown
+    assert bf16["memory"].value == "n/a (CPU)"  # memory is not measured on the CPU
 
 
 # --- DDP: predicted and measured communication ---------------------------------------------
 
 @pytest.fixture(scope="module")
 def ddp_lab(tmp_path_factory, real_run):
-    """8 x H100 with step 01's sweep at 8 ranks: DDP x8 with 3 ms exposed, DDP x8 with a
-    bf16 hook and 0.5 ms exposed (within noise), and DDP x4 (no sweep at 4 ranks)."""
+    """8 x H100 on node-a with its step 01's sweep at 8 ranks: DDP x8 with 3 ms exposed,
+    DDP x8 with a bf16 hook and 0.5 ms exposed (within noise), and DDP x4 (no sweep at 4
+    ranks on node-a; another host's step 01 measured 4 ranks, and is never borrowed)."""
     results = folder(tmp_path_factory, "ddp")
     write(results, "environment.json", sweep_environment(real_run, world_size=8))
+    write(results, "environment_dgx.json", sweep_environment(real_run, world_size=4,
+                                                             host="dgx", busbw=200.0))
     run = lambda name, **kw: write(results, name, make_run(  # noqa: E731
         real_run, batch=256, gradient_bytes=RESNET50_GRADIENT_BYTES, **kw))
     run("02.json", strategy="single", n=1, throughput=2600.0)
@@ -226,7 +296,7 @@ def ddp_lab(tmp_path_factory, real_run):
     run("04_ddp8_hook.json", strategy="ddp", n=8, throughput=20400.0, exposed_s=0.0005,
         comm_hook="bf16")
     run("04_ddp4.json", strategy="ddp", n=4, throughput=10000.0, exposed_s=0.003)
-    return page_text(report(results)[0])
+    return report(results)[0]
 
 
 def test_ddp_explanation_predicts_measures_and_derives_the_hidden_share(ddp_lab):
@@ -234,30 +304,46 @@ def test_ddp_explanation_predicts_measures_and_derives_the_hidden_share(ddp_lab)
                                               [{"size_bytes": 2**28, "busbw_gb_s": 20.0}])
     assert predicted == pytest.approx(8.945e-3, rel=1e-3)
     hidden = 1 - 0.003 / predicted  # 66%
-    assert ("DDP ×8 · hook none: each step all-reduces 97.5 MiB of gradients. At the "
-            "20.0 GB/s bus bandwidth step 01 measured for 8 ranks (environment.json), that "
-            "all-reduce takes 8.9 ms (predicted).") in ddp_lab
-    assert "so 3.0 ms (2.9% of the step) of communication is exposed" in ddp_lab
-    assert f"Hidden behind backward: {100 * hidden:.0f}% of the predicted all-reduce" in ddp_lab
+    said = paragraph(ddp_lab, "DDP ×8 · hook none on node-a: ")
+    assert ("DDP ×8 · hook none on node-a: each step all-reduces 97.5 MiB of gradients. At "
+            "the 20.0 GB/s bus bandwidth step 01 measured on node-a for 8 ranks, that takes "
+            "8.9 ms (predicted).") in said
+    assert "Measured: 3.0 ms (2.9% of the step) of each step waited for communication" in said
+    assert (f"so about {100 * hidden:.0f}% of the predicted all-reduce hid behind backward"
+            in said)
+    assert "step 01: environment.json" in text_of(section(ddp_lab))  # the file it came from
 
 
 def test_ddp_exposed_communication_within_noise_is_not_a_claim(ddp_lab):
-    paragraph = ddp_lab[ddp_lab.index("DDP ×8 · hook bf16: each step"):]
-    paragraph = paragraph[:paragraph.index("DDP ×4")]
-    assert "48.7 MiB on the wire with the bf16 compression hook" in paragraph
-    assert "is within noise" in paragraph and "no share hidden behind backward" in paragraph
-    assert "Hidden behind backward" not in paragraph
+    said = paragraph(ddp_lab, "DDP ×8 · hook bf16 on node-a: ")
+    assert "each step all-reduces 48.7 MiB of gradients (bf16-compressed)" in said
+    assert "that takes 4.5 ms (predicted)" in said
+    assert ("the synced and compute-only steps differ by 0.5 ms (0.5% of the step), within "
+            "the noise of the measurement: no communication cost shows") in said
+    assert "hid behind backward" not in said  # no share hidden is claimed
 
 
 def test_ddp_prediction_from_another_world_size_says_so(ddp_lab):
-    assert "step 01 measured for 8 ranks, not 4" in ddp_lab
-    assert "most of the communication hides behind computation" not in ddp_lab
+    said = paragraph(ddp_lab, "DDP ×4 on node-a: ")
+    # node-a's own sweep (8 ranks), not dgx's 4-rank sweep at 200 GB/s
+    assert ("At the 20.0 GB/s bus bandwidth step 01 measured on node-a for 8 ranks, not 4 "
+            "(the nearest it measured), that takes 7.7 ms (predicted).") in said
+    assert "200.0 GB/s" not in text_of(section(ddp_lab)) and "dgx" not in why(ddp_lab)
+    assert "most of the communication hides behind computation" not in page_text(ddp_lab)
 
 
 def test_ddp_prediction_without_step_01_says_it_needs_it():
-    row = {"cpu": False, "n_devices": 8}
-    sweep, why = narrative.sweep_for(row, [])
-    assert sweep is None and "needs step 01" in why
+    """A machine without its own step-01 file gets no prediction, and is told where to
+    run step 01: the sweep of another host, even with the same GPUs, is never used."""
+    m = machines.Machine(key=f"node-a|{H100}", slug="node_a", host="node-a", hardware=H100,
+                         cpu=False, rows=pd.DataFrame())
+    elsewhere = {"file": "environment_dgx.json", "world_size": 8, "host": "dgx",
+                 "gpu_names": [H100] * 8, "backend": "nccl", "cpu": False,
+                 "all_correct": True, "results": [{"size_bytes": 2**28, "busbw_gb_s": 20.0}]}
+    sweep, why_not = machines.sweep_for(m, [elsewhere], 8, False)
+    assert sweep is None
+    assert why_not == ("no step-01 file from node-a is in the folder, so nothing predicts the "
+                       "all-reduce there (run 01_environment_check.py on node-a)")
 
 
 # --- threads per process are part of the baseline match (CPU) ------------------------------
@@ -283,18 +369,34 @@ def test_threads_mismatch_means_no_matching_baseline(cpu_lab):
     assert matched["scaling_efficiency"] == pytest.approx(0.6)
 
 
+def detail_column(raw: str, column: str) -> dict[str, str]:
+    """One column of the machine's Run details table, by method label."""
+    table = re.search(r'<table class="details">(.*?)</table>', section(raw), re.S).group(1)
+    header = [text_of(th.split("<span")[0])
+              for th in re.findall(r"<th[^>]*>(.*?)</th>", table, re.S)]
+    at = header.index(column)
+    rows = [re.findall(r"<td[^>]*>(.*?)</td>", tr, re.S)
+            for tr in re.findall(r"<tr>(.*?)</tr>", table.split("</thead>")[1], re.S)]
+    return {text_of(cells[0]): text_of(cells[at]) for cells in rows}
+
+
 def test_cpu_results_say_so_and_get_cpu_advice(cpu_lab):
     raw, _ = cpu_lab
-    top = headline(raw)
-    assert top.startswith("On the CPU (these are CPU figures")
-    assert "DDP with 2 ranks" in top and "80.0 img/s" in top
+    assert part(section(raw), "title") == "node-a · CPU processes"
+    assert headline(raw) == ("On node-a (CPU), the fastest reliable configuration was "
+                             "DDP ×2 · threads 2 (fp32, global batch 16): 80.0 img/s.")
+    said = verdict(raw)
+    assert "they show the mechanics, not GPU speed" in said
+    # The threads each process ran are the runs' own, and no sentence says otherwise.
+    assert detail_column(raw, "Threads") == {"Single": "1", "DDP ×2 · threads 1": "1",
+                                             "DDP ×2 · threads 2": "2"}
     text = page_text(raw)
-    assert "2 processes × 1 thread each = 2 threads" in text
-    assert "interconnect" not in text
-    page = Page()
-    page.feed(raw)
-    single = next(r for r in page.rows if r and r[0].startswith("Single"))
-    assert single[3] == "n/a (CPU) · host RSS 3.00 GiB"  # the only memory a CPU run has
+    assert "interconnect" not in text and "how the GPUs" not in why(raw)  # no GPU advice
+    single = main_rows(section(raw))["Single"]
+    assert single["memory"].value == "n/a (CPU)"  # the only memory a CPU run has:
+    assert single["memory"].detail == "host RSS 3.0 GiB"
+    assert "of one thread each" not in said, (
+        "the verdict says the CPU processes ran one thread each; DDP ×2 · threads 2 ran 2")
 
 
 # --- files written before these fields existed -----------------------------------------------
@@ -320,10 +422,17 @@ def test_old_files_without_the_new_fields_say_not_measured(tmp_path, real_run):
     raw, csv = report(results)
     ddp = csv[csv["method"] == "DDP ×2"].iloc[0]
     assert ddp["scaling_efficiency"] == pytest.approx(0.9)  # threads missing on both sides
-    text = page_text(raw)
-    assert "its exposed communication was not measured" in headline(raw)
-    assert "gradients of a size this result file does not record" in text
-    assert "Exposed communication was not measured" in text
+    assert headline(raw) == ("On node-a (H100 80GB HBM3), the fastest reliable "
+                             "configuration was DDP ×2 (fp32, global batch 16): 180 img/s, "
+                             "1.80× the one-GPU baseline (90% weak-scaling efficiency).")
+    said = paragraph(raw, "DDP ×2 on node-a: ")
+    assert "each step all-reduces gradients of a size the file does not record" in said
+    assert ("Measured: exposed communication was not measured (no compute-only steps in the "
+            "file)") in said
+    assert detail_column(raw, "Compute-only step and exposed communication")["DDP ×2"] == \
+        "not measured"
+    assert detail_column(raw, "Threads") == {"Single": "not recorded",
+                                             "DDP ×2": "not recorded"}
     assert "threads per process" not in flags_of(csv, "DDP ×2")
 
 

@@ -44,7 +44,7 @@ WORLD_SIZE_1 = "world size 1: scaling not measurable"
 BASELINE_FIELDS = ("model", "img_size", "per_device_batch_size", "amp", "channels_last",
                    "compile", "data", "cpu_threads")
 # What makes two runs "the same configuration" (repeats are aggregated).
-CONFIG_FIELDS = ("lab", "strategy", "n_devices", "world_size", "nnodes", "hardware",
+CONFIG_FIELDS = ("lab", "strategy", "n_devices", "world_size", "nnodes", "machine", "hardware",
                  *BASELINE_FIELDS, "global_batch_size", "grad_accum_steps", "backend",
                  "bucket_cap_mb", "comm_hook", "static_graph", "sync_bn", "lr",
                  "target_accuracy")
@@ -57,7 +57,7 @@ FIELD_NAMES = {"model": "model", "img_size": "image size", "per_device_batch_siz
 SUPERLINEAR_LIMIT = 1.05      # scaling efficiency above this: noise or a wrong baseline
 WRAPPER_FASTER_LIMIT = 1.10   # a world-size-1 wrapper can only add work to its baseline
 SPREAD_LIMIT = 0.25           # p10-p90 (or repeat range) as a share of the median
-RERUN = "rerun on a quiet machine, or `python -m labs run --repeat 3`"
+RERUN = "rerun on a quiet machine, or repeat each run: python -m labs run --repeat 3"
 
 
 # --- safe access: a valid run file still has free-form fields ----------------------------
@@ -122,6 +122,16 @@ def hardware_of(record: dict) -> tuple[str, bool]:
     if not names:
         return "unknown device", False
     return " + ".join(sorted(names)), cpu
+
+
+def primary_host(record: dict) -> str:
+    """The host a run is filed under: that of its first device (rank 0, or DataParallel's
+    GPU 0), else the host its environment block names."""
+    for entry in devices_used(record):
+        if entry.get("host"):
+            return str(entry["host"])
+    host = dig(record, "environment", "host")
+    return str(host) if host else "unknown host"
 
 
 def device_count(record: dict) -> int:
@@ -219,6 +229,8 @@ def run_row(record: dict, file: str) -> dict:
     strategy = cfg.get("strategy")
     n = device_count(record)
     hosts = sorted({str(d.get("host")) for d in devices_used(record) if d.get("host")})
+    host = primary_host(record)
+    env = record.get("environment") if isinstance(record.get("environment"), dict) else {}
     evals = eval_points(metrics)
     return {
         "file": file,
@@ -233,6 +245,13 @@ def run_row(record: dict, file: str) -> dict:
         "hardware": hardware,
         "cpu": cpu,
         "hosts": ", ".join(hosts),
+        "host": host,
+        "machine": f"{host}|{hardware}",
+        "cpu_model": scalar(env.get("cpu_model")),
+        "torch": scalar(env.get("torch")),
+        "tf32": scalar(cfg.get("tf32")),
+        "scaling": scalar(cfg.get("scaling")),
+        "num_classes": scalar(cfg.get("num_classes")),
         **{f: scalar(cfg.get(f)) for f in BASELINE_FIELDS if f != "cpu_threads"},
         "threads_per_process": scalar(cfg.get("threads_per_process")),
         "cpu_threads": scalar(cfg.get("threads_per_process")) if cpu else None,
@@ -331,16 +350,21 @@ def baseline_for(row: pd.Series, runs: pd.DataFrame) -> tuple[pd.DataFrame, str 
     if " + " in row["hardware"]:
         return single.iloc[0:0], (f"no baseline: the run mixes device types "
                                   f"({row['hardware']})")
+    if row["cpu"]:  # "CPU" names no model: only the same host's CPU is the same device
+        single = single[single["host"] == row["host"]]
     fields = ["hardware", *BASELINE_FIELDS]
     same = single
     for f in fields:
         same = same[same[f].map(same_setting_key) == same_setting_key(row[f])]
     if not same.empty:
-        return same, None
-    if single.empty:
+        here = same[same["host"] == row["host"]]  # the same machine's, where it has one
+        return (here if not here.empty else same), None
+    if single.empty and not row["cpu"]:
         return same, ("no baseline: the folder has no completed 02_baseline run "
                       "to compare with")
     same_device = single[single["hardware"] == row["hardware"]]
+    if same_device.empty and row["cpu"]:
+        return same, f"no matching baseline: no 02 run on the CPU of {row['host']}"
     if same_device.empty:
         elsewhere = ", ".join(sorted(set(single["hardware"])))
         return same, (f"no matching baseline: no 02 run on {row['hardware']} "
@@ -367,8 +391,9 @@ def compare(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for config_id, group in runs.groupby("config_id", sort=False):
         first = group.iloc[0]
-        row = {f: first[f] for f in (*CONFIG_FIELDS, "threads_per_process", "method", "cpu", "family",
-                                     "lr_rule")}
+        row = {f: first[f] for f in (*CONFIG_FIELDS, "threads_per_process", "method", "cpu",
+                                     "family", "lr_rule", "host", "cpu_model", "torch",
+                                     "tf32", "scaling", "num_classes")}
         run_medians = group["tp_median"].dropna().tolist()
         mem_lists = [m for m in group["mem_by_device"] if m]
         width = max((len(m) for m in mem_lists), default=0)
@@ -408,6 +433,7 @@ def compare(runs: pd.DataFrame) -> pd.DataFrame:
                                    for l in group["loss_per_epoch"])
                             for i in range(max(map(len, group["loss_per_epoch"]), default=0))],
             warmup_steps=median(group["warmup_steps"]),
+            steps_measured=median(group["steps_measured"]),
             commands=list(group["command"]),
             eval=eval_curve(group["eval"]),
             final_accuracy=median(group["final_accuracy"]),
@@ -417,20 +443,36 @@ def compare(runs: pd.DataFrame) -> pd.DataFrame:
         row.update(_efficiency(row, first, runs))
         row.update(_time_to_accuracy(row, first, runs))
         row["flags"] = validity_flags(row)
+        row["scaling_mode"] = scaling_mode(row)
         rows.append(row)
     table = pd.DataFrame(rows)
+    # Machines in the order their first run started (the order of the steps), and in
+    # each the single-device runs, then DataParallel, then DDP, by device count.
+    first_start = runs.groupby("machine")["started_at"].min()
+    table["machine_order"] = table["machine"].map(first_start).fillna("")
     table["order"] = table["strategy"].map(STRATEGY_ORDER).fillna(9)
-    table = table.sort_values(["family", "order", "n_devices", "global_batch_size"],
-                              key=_sort_key,
+    table = table.sort_values(["machine_order", "machine", "order", "n_devices", "family",
+                               "global_batch_size"], key=_sort_key,
                               kind="stable").reset_index(drop=True)
-    table["label"] = unique_labels(table)
-    return table.drop(columns="order")
+    table["label"] = ""
+    for _, rows_of_machine in table.groupby("machine", sort=False):
+        table.loc[rows_of_machine.index, "label"] = unique_labels(rows_of_machine)
+    return table.drop(columns=["order", "machine_order"])
 
 
 def _sort_key(column: pd.Series) -> pd.Series:
-    if column.name == "family":
+    if column.name in ("family", "machine", "machine_order"):
         return column.astype(str)
     return pd.to_numeric(column, errors="coerce")
+
+
+def scaling_mode(row) -> str | None:
+    """"weak" when the per-device batch stayed the baseline's (the global batch grew with
+    N: what a baseline match requires unless the run says otherwise), "strong" when the
+    run records that the global batch stayed fixed; None where no efficiency exists."""
+    if row["strategy"] == "single" or fmt.missing(row.get("efficiency")):
+        return None
+    return "strong" if row.get("scaling") == "strong" else "weak"
 
 
 def _efficiency(row: dict, first: pd.Series, runs: pd.DataFrame) -> dict:
@@ -525,36 +567,33 @@ def _over(value, limit: float) -> bool:
 
 def validity_flags(row: dict) -> list[str]:
     """Why this configuration's figure is unreliable: one reason per rule it breaks, each
-    as "kind: what was measured; the fix". Empty when it can be trusted."""
+    as "kind: what was measured". Empty when it can be trusted. The fix is the same for
+    every kind (RERUN); the report states it once."""
     flags = []
     limit = fmt.pct(SPREAD_LIMIT)
     if _over(row.get("efficiency"), SUPERLINEAR_LIMIT):
-        flags.append(f"superlinear: {fmt.pct(row['efficiency'])} scaling efficiency is above "
-                     f"{fmt.pct(SUPERLINEAR_LIMIT)}, which adding devices cannot give: "
-                     f"noise or a mismatched baseline; {RERUN}")
+        flags.append(f"superlinear: {fmt.pct(row['efficiency'])} scaling efficiency, above "
+                     f"the {fmt.pct(SUPERLINEAR_LIMIT)} that adding devices can give "
+                     "(noise or a mismatched baseline)")
     if (row["strategy"] in ("dp", "ddp") and row["n_devices"] == 1
             and _over(row.get("speedup"), WRAPPER_FASTER_LIMIT)):
-        flags.append(f"faster than its baseline: a world-size-1 wrapper at "
+        flags.append(f"faster than its baseline: a one-device wrapper at "
                      f"{fmt.times(row['speedup'])} the baseline (limit "
-                     f"{fmt.times(WRAPPER_FASTER_LIMIT)}) can only be noise, since the "
-                     f"wrapper adds work; {RERUN}")
+                     f"{fmt.times(WRAPPER_FASTER_LIMIT)}); the wrapper only adds work")
     if _over(row.get("tp_spread"), SPREAD_LIMIT):
-        flags.append(f"noisy: the throughput p10–p90 spread is {fmt.pct(row['tp_spread'])} "
-                     f"of the median (limit {limit}); {RERUN}")
+        flags.append(f"noisy: throughput p10–p90 spans {fmt.pct(row['tp_spread'])} of the "
+                     f"median (limit {limit})")
     if _over(row.get("tp_run_range"), SPREAD_LIMIT):
-        flags.append(f"repeats disagree: the medians of the {row['n_runs']} runs span "
-                     f"{fmt.pct(row['tp_run_range'])} of their median (limit {limit}); "
-                     f"{RERUN}")
+        flags.append(f"repeats disagree: the {row['n_runs']} runs' medians span "
+                     f"{fmt.pct(row['tp_run_range'])} of their median (limit {limit})")
     if row["strategy"] == "single":
         return flags  # a baseline's own noise is flagged above; it has no other baseline
     if _over(row.get("baseline_spread"), SPREAD_LIMIT):
-        flags.append(f"noisy baseline: the baseline's throughput p10–p90 spread is "
-                     f"{fmt.pct(row['baseline_spread'])} of its median (limit {limit}); "
-                     f"{RERUN}")
+        flags.append(f"noisy baseline: the baseline's throughput p10–p90 spans "
+                     f"{fmt.pct(row['baseline_spread'])} of its median (limit {limit})")
     if _over(row.get("baseline_run_range"), SPREAD_LIMIT):
         flags.append(f"noisy baseline: the baseline's repeated runs span "
-                     f"{fmt.pct(row['baseline_run_range'])} of their median (limit {limit}); "
-                     f"{RERUN}")
+                     f"{fmt.pct(row['baseline_run_range'])} of their median (limit {limit})")
     return flags
 
 
@@ -600,7 +639,11 @@ def allreduce_sweeps(environments: list[dict], file_of) -> list[dict]:
             continue
         backend = str(dig(probe, "backend") or "")
         device = str(dig(probe, "device") or ("cpu" if backend == "gloo" else "cuda"))
+        names = [str(g.get("name")) for g in dicts(dig(record, "environment", "gpus"))
+                 or dicts(record.get("gpus")) if g.get("name")]
         sweeps.append({"file": file_of(record), "world_size": int(world),
+                       "host": str(dig(record, "environment", "host") or ""),
+                       "gpu_names": names,
                        "backend": backend, "cpu": device.startswith("cpu"),
                        "all_correct": dig(probe, "all_correct") is not False
                        and all(r.get("correct") is not False for r in results),
@@ -616,6 +659,11 @@ def short_method(strategy, n) -> str:
     return f"{'DP' if strategy == 'dp' else 'DDP'} ×{int(n)}"
 
 
+def precision(amp) -> str:
+    """How a run computed: "fp32" without autocast, else the autocast dtype."""
+    return "fp32" if amp in ("off", None, False) else str(amp)
+
+
 def short_hardware(name: str) -> str:
     return name.replace("NVIDIA ", "").replace("GeForce ", "")
 
@@ -623,8 +671,8 @@ def short_hardware(name: str) -> str:
 def unique_labels(table: pd.DataFrame) -> list[str]:
     """Short labels for plots and the table, made unique by the settings that differ."""
     labels = [short_method(s, n) for s, n in zip(table["strategy"], table["n_devices"])]
-    detail = [("global_batch_size", "b{}"), ("hardware", "{}"), ("model", "{}"),
-              ("amp", "amp {}"), ("img_size", "{}px"), ("channels_last", "NHWC {}"),
+    detail = [("amp", "{}"), ("global_batch_size", "b{}"), ("hardware", "{}"),
+              ("model", "{}"), ("img_size", "{}px"), ("channels_last", "NHWC {}"),
               ("compile", "compile {}"), ("data", "{}"), ("backend", "{}"),
               ("bucket_cap_mb", "bucket {} MB"), ("comm_hook", "hook {}"),
               ("cpu_threads", "threads {}"), ("lr", "lr {}"),
@@ -638,7 +686,8 @@ def unique_labels(table: pd.DataFrame) -> list[str]:
         if len(values) > 1:
             for i in clashing:
                 value = table.iloc[i][field]
-                text = short_hardware(str(value)) if field == "hardware" else _describe(value)
+                text = (short_hardware(str(value)) if field == "hardware" else
+                        precision(value) if field == "amp" else _describe(value))
                 labels[i] = f"{labels[i]} · {pattern.format(text)}"
     counts = pd.Series(labels).value_counts()
     seen: dict[str, int] = {}

@@ -239,22 +239,3 @@ def allreduce_series(records: list[dict], label_of) -> tuple[list[dict], str | N
         return [], "The environment file from step 01 has no all-reduce probe."
     return [], ("No environment file from step 01 in the folder, so there is no all-reduce "
                 "bandwidth curve (run 01_environment_check.py on the GPU machine).")
-
-
-def peak_busbw(series: list[dict]) -> float | None:
-    values = [p[1] for s in series for p in s["points"] if p[4]]
-    return max(values) if values else None
-
-
-def run_machines(records: list[dict]) -> list[dict]:
-    """One entry per distinct machine the runs report, for when 01 was not run."""
-    machines: dict[tuple, dict] = {}
-    for record in records:
-        env = record.get("environment") if isinstance(record.get("environment"), dict) else {}
-        key = tuple(_text(env.get(k)) for k in ("host", "torch", "cuda", "driver")) + \
-            (gpu_summary(env),)
-        entry = machines.setdefault(key, {"host": key[0] or "?", "torch": key[1] or "?",
-                                          "cuda": key[2] or "none", "driver": key[3] or "none",
-                                          "gpus": key[4], "runs": 0})
-        entry["runs"] += 1
-    return list(machines.values())

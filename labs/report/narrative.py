@@ -1,8 +1,10 @@
-"""The report's prose, written from the numbers: the headline, the verdict, "what this
-shows", the caveats that make a comparison invalid, and the methodology.
+"""The report's sentences that depend on the numbers, one machine at a time: the headline,
+the verdict, the why, and the list of unreliable runs.
 
-Only rows without validity flags (``analysis.validity_flags``) are stated as results;
-every mechanism is stated from a measurement of the run, or not at all."""
+Rules: only rows without validity flags (``analysis.validity_flags``) are stated as
+results, and a flagged run is named only in ``unreliable``; every sentence that compares
+names its machine; every mechanism is stated from a measurement of the same machine, or
+not at all. Fixed text (methodology, definitions) lives in the templates."""
 
 from __future__ import annotations
 
@@ -11,46 +13,325 @@ from collections import Counter
 import pandas as pd
 
 from labs import bandwidth, fmt
-from labs.report.analysis import (RERUN, SPREAD_LIMIT, SUPERLINEAR_LIMIT,
-                                  WORLD_SIZE_1, WRAPPER_FASTER_LIMIT, flag_kind, num,
-                                  reliable, setting_pairs, short_hardware, short_method)
+from labs.report.analysis import flag_kind, precision, reliable, setting_pairs
+from labs.report.machines import Machine, gradient_bytes_of, interconnect, sweep_for
 
 DATA_WAIT_LIMIT = 0.10  # above this share of step time the input pipeline is the bottleneck
-LOW_EFFICIENCY = 0.80
 NOISE_STEP_SHARE = 0.02  # exposed communication below 2% of the step is not told from zero
-ACCURACY_GAP = 0.05  # two methods further apart than this at one epoch get an explanation
-GUIDE = "docs/student_guide.md"
-
-
-def _long_method(row) -> str:
-    n = int(row["n_devices"])
-    unit = "CPU process" if row["cpu"] else "GPU"
-    if row["strategy"] == "dp":
-        return f"DataParallel on {fmt.plural(n, unit)}"
-    if row["strategy"] == "ddp":
-        return f"DDP with {fmt.plural(n, 'rank')}"
-    return f"the single-{'CPU' if row['cpu'] else 'GPU'} baseline"
-
-
-def _capital(text: str) -> str:
-    return text[:1].upper() + text[1:]
-
-
-def _list(items: list[str]) -> str:
-    if len(items) <= 2:
-        return " and ".join(items)
-    return ", ".join(items[:-1]) + " and " + items[-1]
-
-
-def _kinds(flags: list[str]) -> str:
-    return ", ".join(dict.fromkeys(flag_kind(f) for f in flags))
+ACCURACY_GAP = 0.05  # further apart than this at any common epoch: explained
+VERDICT_LINES = 6
 
 
 def _given(value) -> bool:
     return not fmt.missing(value)
 
 
-# --- what was measured about communication -----------------------------------------------
+def _list(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _trusted(rows: pd.DataFrame) -> pd.DataFrame:
+    return rows[reliable(rows)] if not rows.empty else rows
+
+
+def _fastest(rows: pd.DataFrame):
+    rows = rows[rows["tp_median"].notna()]
+    return None if rows.empty else rows.loc[rows["tp_median"].astype(float).idxmax()]
+
+
+def _what(r) -> str:
+    """A configuration in words: "DDP ×4 (bf16, global batch 256)"."""
+    return f"{r['label']} ({precision(r['amp'])}, global batch {r['global_batch_size']})"
+
+
+def _versus_baseline(r, m: Machine) -> str:
+    if r["strategy"] == "single" or not _given(r["speedup"]):
+        return ""
+    text = f", {fmt.times(r['speedup'])} the one-{m.unit} baseline"
+    if _given(r["efficiency"]):
+        text += f" ({fmt.pct(r['efficiency'])} {r['scaling_mode']}-scaling efficiency)"
+    return text
+
+
+def _reached(r) -> bool:
+    return _given(r["time_to_accuracy_s"])
+
+
+def _targeted(r) -> bool:
+    return bool(r["eval"]) and _given(r["target_accuracy"])
+
+
+# --- the headline: one sentence -------------------------------------------------------------
+
+def headline(m: Machine) -> str:
+    """One sentence: what to use on this machine, and why; or why no figure can be
+    trusted. With evaluations the practitioner's figure decides, time to the target
+    accuracy, and only a run that reached the target is recommended; a faster run that
+    missed it is named as such."""
+    where = f"On {m.short}"
+    rows = m.rows[m.rows["tp_median"].notna()]
+    if rows.empty:
+        return f"{where}, no completed run measured a throughput."
+    ok = _trusted(rows)
+    if ok.empty:
+        kinds = Counter(flag_kind(f) for flags in rows["flags"] for f in flags)
+        why = ", ".join(f"{kind} ×{n}" for kind, n in kinds.items())
+        text = (f"{where}, no figure is reliable ({why}): every run is listed below the "
+                "table with its reason")
+        if (m.rows["n_devices"] <= 1).all():
+            text += f"; every run used one {m.unit}, so scaling is not measured here"
+        return text + "."
+    fastest = _fastest(ok)
+    targeted = ok[ok.apply(_targeted, axis=1)]
+    if targeted.empty:
+        text = (f"{where}, the fastest reliable configuration was {_what(fastest)}: "
+                f"{fmt.rate(fastest['tp_median'])} img/s{_versus_baseline(fastest, m)}")
+    else:
+        target = fmt.pct(targeted["target_accuracy"].iloc[0])
+        reached = targeted[targeted.apply(_reached, axis=1)]
+        if reached.empty:
+            return (f"{where}, no reliable configuration reached the {target} target; the "
+                    f"fastest was {_what(fastest)} at {fmt.rate(fastest['tp_median'])} "
+                    "img/s.")
+        best = reached.loc[reached["time_to_accuracy_s"].astype(float).idxmin()]
+        text = (f"{where}, {_what(best)} reached {target} accuracy soonest, after "
+                f"{fmt.seconds(best['time_to_accuracy_s'])} of training: "
+                f"{fmt.rate(best['tp_median'])} img/s{_versus_baseline(best, m)}")
+        if fastest["label"] != best["label"]:
+            text += f"; {fastest['label']} was fastest ({fmt.rate(fastest['tp_median'])} img/s)"
+            if _reached(fastest):
+                text += (f" but needed {fmt.seconds(fastest['time_to_accuracy_s'])} to "
+                         f"reach {target}")
+            else:
+                text += (f" but did not reach {target} ({fmt.pct(fastest['final_accuracy'], 1)}"
+                         f" after {fmt.plural(fastest['eval'][-1]['epoch'], 'epoch')})")
+    if (m.rows["n_devices"] <= 1).all():
+        text += f"; every run used one {m.unit}, so scaling is not measured here"
+    return text + "."
+
+
+# --- the verdict: at most six lines, each naming the machine --------------------------------
+
+def verdict(m: Machine) -> list[str]:
+    ok = _trusted(m.rows)
+    lines = [line for line in (_scaling_line(m, ok, "ddp"), _scaling_line(m, ok, "dp"),
+                               _dp_versus_ddp(m, ok), _amp_line(m, ok), _target_line(m, ok),
+                               _unreliable_line(m)) if line]
+    if (m.rows["n_devices"] > 1).any() and not (ok["efficiency"].notna()).any():
+        notes = sorted({n for n in m.rows.loc[m.rows["n_devices"] > 1, "efficiency_note"]
+                        if isinstance(n, str) and n.startswith("no ")})
+        if notes:
+            lines.insert(0, f"{m.host}: no scaling efficiency: " + "; ".join(notes) + ".")
+    if m.cpu:
+        threads = sorted({int(t) for t in m.rows["threads_per_process"] if _given(t)})
+        each = ("one thread each" if threads == [1] else
+                f"{' or '.join(map(str, threads))} threads each" if threads else
+                "threads not recorded")
+        lines.append(f"{m.host}: CPU processes of {each}; they show the mechanics, not GPU "
+                     "speed.")
+    return lines[:VERDICT_LINES]
+
+
+def _scaling_line(m: Machine, ok: pd.DataFrame, strategy: str) -> str | None:
+    rows = ok[(ok["strategy"] == strategy) & ok["efficiency"].notna()]
+    if rows.empty:
+        return None
+    name = "DDP" if strategy == "ddp" else "DataParallel"
+    items = [f"{r['label'].replace('DDP ', '').replace('DP ', '')} "
+             f"{fmt.times(r['speedup'])} ({fmt.pct(r['efficiency'])})"
+             for _, r in rows.iterrows()]
+    modes = set(rows["scaling_mode"])
+    mode = ("weak scaling: the per-device batch stayed "
+            f"{_list(sorted({str(b) for b in rows['per_device_batch_size']}))}"
+            if modes == {"weak"} else "strong scaling: the global batch stayed fixed"
+            if modes == {"strong"} else "weak and strong scaling mixed")
+    return (f"{m.host} · {name}: {'; '.join(items)} the one-{m.unit} throughput, "
+            f"efficiency in brackets ({mode}).")
+
+
+def _dp_versus_ddp(m: Machine, ok: pd.DataFrame) -> str | None:
+    dp = ok[(ok["strategy"] == "dp") & ok["efficiency"].notna()]
+    ddp = ok[(ok["strategy"] == "ddp") & ok["efficiency"].notna()]
+    common = sorted(set(dp["n_devices"]) & set(ddp["n_devices"]))
+    if not common:
+        return None
+    n = common[-1]
+    a, b = _fastest(ddp[ddp["n_devices"] == n]), _fastest(dp[dp["n_devices"] == n])
+    units = fmt.plural(int(n), m.unit)
+    if a["family"] == b["family"]:
+        return (f"{m.host} · on {units} DDP gave {fmt.times(a['tp_median'] / b['tp_median'])} "
+                f"DataParallel's throughput ({fmt.rate(a['tp_median'])} vs "
+                f"{fmt.rate(b['tp_median'])} img/s, same settings).")
+    return (f"{m.host} · on {units} DDP kept {fmt.pct(a['efficiency'])} efficiency and "
+            f"DataParallel {fmt.pct(b['efficiency'])}, each against the baseline of its own "
+            f"precision ({precision(a['amp'])} and {precision(b['amp'])}).")
+
+
+def setting_effects(rows: pd.DataFrame, field: str = "amp") -> list[tuple]:
+    """(reference, variant) rows of reliable configurations that differ in ``field`` only,
+    the smallest device count first."""
+    pairs = [(rows.loc[a], rows.loc[b]) for a, b in setting_pairs(rows, field)]
+    pairs = [(a, b) for a, b in pairs if not a["flags"] and not b["flags"]
+             and _given(a["tp_median"]) and _given(b["tp_median"])]
+    return sorted(pairs, key=lambda p: p[1]["n_devices"])
+
+
+def _amp_line(m: Machine, ok: pd.DataFrame) -> str | None:
+    pairs = setting_effects(m.rows)
+    if not pairs:
+        return None
+    ref, var = pairs[0]
+    text = (f"{m.host} · {precision(var['amp'])} autocast gave "
+            f"{fmt.times(var['tp_median'] / ref['tp_median'])} the fp32 throughput on "
+            f"{fmt.plural(int(var['n_devices']), m.unit)} ({fmt.rate(var['tp_median'])} vs "
+            f"{fmt.rate(ref['tp_median'])} img/s)")
+    if _given(ref["mem_max"]) and _given(var["mem_max"]) and ref["mem_max"]:
+        text += f", peak memory {100 * (var['mem_max'] / ref['mem_max'] - 1):+.0f}%"
+    if ref["tf32"] is True:
+        text += " (fp32 with TF32 matmuls on)"
+    return text + "."
+
+
+def _target_line(m: Machine, ok: pd.DataFrame) -> str | None:
+    """Time to the target: the soonest configuration against its baseline, and every
+    configuration that did not get there."""
+    rows = ok[ok.apply(_targeted, axis=1)] if not ok.empty else ok
+    if rows.empty:
+        return None
+    target = fmt.pct(rows["target_accuracy"].iloc[0])
+    reached = rows[rows.apply(_reached, axis=1)]
+    items = []
+    if not reached.empty:
+        soonest = reached.loc[reached["time_to_accuracy_s"].astype(float).idxmin()]
+        items.append(f"soonest {soonest['label']} after "
+                     f"{fmt.seconds(soonest['time_to_accuracy_s'])}")
+        if _given(soonest.get("baseline_tta")) and _given(soonest.get("tta_speedup")):
+            items[-1] += (f", {fmt.times(soonest['tta_speedup'])} sooner than its baseline "
+                          f"({fmt.seconds(soonest['baseline_tta'])})")
+    missed = [r["label"] for _, r in rows.iterrows() if not _reached(r)]
+    if missed:
+        items.append(f"{_list(missed)} did not reach it")
+    return f"{m.host} · time to {target} accuracy: {'; '.join(items)}."
+
+
+def _unreliable_line(m: Machine) -> str | None:
+    flagged = m.rows[~reliable(m.rows)]
+    if flagged.empty:
+        return None
+    items = [f"{r['label']} ({', '.join(dict.fromkeys(map(flag_kind, r['flags'])))})"
+             for _, r in flagged.iterrows()]
+    return (f"{m.host} · left out as unreliable: {'; '.join(items)}; see the list below "
+            "the table.")
+
+
+def unreliable(m: Machine) -> list[dict]:
+    """The machine's flagged configurations, each with its reasons."""
+    return [{"label": r["label"], "flags": list(r["flags"])}
+            for _, r in m.rows.iterrows() if r["flags"]]
+
+
+# --- the why: each mechanism from this machine's measurements -------------------------------
+
+def why(m: Machine, sweeps: list[dict], table: pd.DataFrame) -> list[dict]:
+    """Short sections of explanation, each {"title", "paragraphs"}; ``table`` is the whole
+    comparison (only for a model's parameter bytes, the same on every machine)."""
+    out = []
+    for section in (_dataparallel(m, table), _ddp(m, sweeps), _accuracy(m), _settings(m),
+                    _input_pipeline(m), _caveats(m)):
+        if section and section["paragraphs"]:
+            out.append(section)
+    return out
+
+
+def gpu0_surplus(r) -> tuple[float, float] | None:
+    """(device 0's peak, the median of the others') in bytes."""
+    memory = [v for v in r["mem_by_device"] if _given(v)]
+    if len(memory) < 2 or not _given(r["mem_by_device"][0]):
+        return None
+    others = sorted(memory[1:])
+    return r["mem_by_device"][0], others[len(others) // 2]
+
+
+def _utilisation(r) -> str | None:
+    readings = [(d["index"], d["utilization_pct"]) for d in r["device_detail"]
+                if _given(d["utilization_pct"])]
+    if len(readings) < 2 or readings[0][0] != 0:
+        return None
+    others = [u for _, u in readings[1:]]
+    low, high = min(others), max(others)
+    spread = f"{low:.0f}%" if round(low) == round(high) else f"{low:.0f}–{high:.0f}%"
+    last = readings[-1][0]
+    who = "GPU 1" if last == 1 else f"GPUs 1–{last}"
+    text = f"NVML saw GPU 0 busy {readings[0][1]:.0f}% of the time and {who} {spread}"
+    if readings[0][1] > high + 5:
+        text += ": the replicas wait while GPU 0 scatters, gathers and sums alone"
+    return text
+
+
+def dp_traffic(r, table: pd.DataFrame) -> str | None:
+    """What crosses GPU 0 in one DataParallel step at this run's batch: the input it
+    scatters, the weights it copies to every replica, the gradients it sums from them and
+    the outputs it gathers."""
+    n = int(r["n_devices"])
+    weights, _source = gradient_bytes_of(r["model"], r["num_classes"], table)
+    if weights is None or not _given(r["img_size"]) or not _given(r["global_batch_size"]):
+        return None
+    images = float(r["global_batch_size"]) * 3 * float(r["img_size"]) ** 2 * 4  # fp32
+    scattered = images * (n - 1) / n
+    total = scattered + 2 * (n - 1) * weights
+    text = (f"each step GPU 0 sends {fmt.size(scattered)} of input to the other "
+            f"{fmt.plural(n - 1, 'GPU')}, copies the {fmt.size(weights)} of weights to every "
+            "replica and "
+            f"sums {n - 1} × {fmt.size(weights)} of gradients back: about "
+            f"{fmt.size(total)} through GPU 0 per step")
+    if _given(r["step_median"]) and r["step_median"] > 0:
+        text += f", {total / r['step_median'] / 1e9:.1f} GB/s at the measured step time"
+    return text
+
+
+def _dataparallel(m: Machine, table: pd.DataFrame) -> dict | None:
+    dp = m.rows[(m.rows["strategy"] == "dp") & (m.rows["n_devices"] > 1)]
+    if dp.empty:
+        if (m.rows["strategy"] == "dp").any():
+            return {"title": "DataParallel", "paragraphs": [
+                f"On {m.host} DataParallel ran on one device, where it calls the module "
+                "directly: neither GPU 0's extra work nor scaling shows there."]}
+        return None
+    trusted = _trusted(dp)
+    r = dp.loc[dp["n_devices"].astype(int).idxmax()] if trusted.empty else \
+        trusted.loc[trusted["n_devices"].astype(int).idxmax()]
+    facts = []
+    surplus = gpu0_surplus(r)
+    if surplus:
+        first, others = surplus
+        facts.append(f"GPU 0 peaked at {fmt.gib(first)} of memory and the other GPUs at "
+                     f"{fmt.gib(others)} ({100 * (first / others - 1):+.0f}%)"
+                     + (": it holds the master weights, the gathered outputs and the loss"
+                        if first > 1.05 * others else ""))
+    busy = _utilisation(r)
+    if busy:
+        facts.append(busy)
+    traffic = dp_traffic(r, table)
+    if traffic:
+        facts.append(traffic)
+    link = interconnect(m)
+    if link:
+        facts.append(link)
+    elif not m.cpu:
+        facts.append(f"how the GPUs of {m.host} connect was not recorded (run "
+                     "01_environment_check.py there)")
+    if not facts:
+        return {"title": "DataParallel", "paragraphs": [
+            f"{r['label']} on {m.host}: neither memory nor utilisation per GPU was "
+            "measured, so GPU 0's extra work cannot be shown."]}
+    lead = f"{r['label']} on {m.host}"
+    if r["flags"]:
+        lead += " (its throughput is unreliable; these readings are not)"
+    return {"title": "Why DataParallel falls behind",
+            "paragraphs": [f"{lead}: " + "; ".join(facts) + "."]}
+
+
+# --- DDP: predicted and measured communication ----------------------------------------------
 
 def noise_floor(r) -> float | None:
     """The smallest exposed communication told apart from zero: half the compute-only
@@ -68,292 +349,85 @@ def within_noise(r) -> bool:
     return floor is not None and abs(r["exposed_comm_s"]) < floor
 
 
-def _exposed(r) -> str:
-    """The exposed communication and its share of the step, e.g. "3.0 ms (2.9% of the
-    step)"."""
-    text = fmt.seconds(r["exposed_comm_s"])
-    if _given(r["step_median"]) and r["step_median"] > 0:
-        text += f" ({fmt.pct(r['exposed_comm_s'] / r['step_median'], 1)} of the step)"
-    return text
-
-
-def _exposed_clause(r) -> str:
-    if not _given(r["exposed_comm_s"]):
-        return "its exposed communication was not measured"
+def exposed_text(r) -> str:
+    """The exposed communication in words, a negative one explained."""
+    exposed = r["exposed_comm_s"]
+    if not _given(exposed):
+        return "exposed communication was not measured (no compute-only steps in the file)"
+    share = (f" ({fmt.pct(abs(exposed) / r['step_median'], 1)} of the step)"
+             if _given(r["step_median"]) and r["step_median"] > 0 else "")
     if within_noise(r):
-        return "its exposed communication was within noise"
-    return f"its exposed communication was {_exposed(r)}"
+        return (f"the synced and compute-only steps differ by {fmt.seconds(exposed)}"
+                f"{share}, within the noise of the measurement: no communication cost shows")
+    if exposed < 0:
+        return (f"the synced steps were {fmt.seconds(-exposed)}{share} faster than the "
+                "compute-only ones, which cannot be communication: the machine's speed "
+                "changed between the two measurements, so no cost can be read from it")
+    return f"{fmt.seconds(exposed)}{share} of each step waited for communication"
 
 
-def gpu0_surplus(r) -> float | None:
-    """How much more memory the busiest GPU peaked at than the least-loaded one."""
-    if not _given(r["mem_max"]) or not r["mem_min"]:
+def _wire_bytes(r) -> tuple[float | None, str]:
+    grad = r["gradient_bytes"]
+    hook = r["comm_hook"] if isinstance(r["comm_hook"], str) else "none"
+    if not _given(grad):
+        return None, "gradients of a size the file does not record"
+    if hook in ("fp16", "bf16"):
+        return grad / 2, f"{fmt.size(grad / 2)} of gradients ({hook}-compressed)"
+    if hook == "powersgd":
+        return None, f"{fmt.size(grad)} of gradients, PowerSGD-compressed"
+    return grad, f"{fmt.size(grad)} of gradients"
+
+
+def _ddp_paragraph(m: Machine, r, sweeps: list[dict]) -> str:
+    n = int(r["n_devices"])
+    wire, what = _wire_bytes(r)
+    text = f"{r['label']} on {m.host}: each step all-reduces {what}. "
+    sweep, how = sweep_for(m, sweeps, n, bool(r["cpu"]))
+    predicted = None
+    if sweep is not None and wire is not None:
+        busbw = bandwidth.interpolate_busbw(sweep["results"], wire)
+        predicted = bandwidth.predict_allreduce_s(wire, n, sweep["results"])
+        if busbw is not None and predicted:
+            text += (f"At the {busbw:.1f} GB/s bus bandwidth {how}, that takes "
+                     f"{fmt.seconds(predicted)} (predicted). ")
+    elif sweep is None:
+        text += f"No prediction: {how}. "
+    text += "Measured: " + exposed_text(r)
+    exposed = r["exposed_comm_s"]
+    if predicted and _given(exposed) and exposed > 0 and not within_noise(r):
+        if exposed >= predicted:
+            text += (": more than the whole predicted all-reduce, so none of it hid behind "
+                     "backward and the ranks also waited for something else (the slowest "
+                     "rank, or a slower link than step 01 measured)")
+        else:
+            text += (f", so about {fmt.pct(1 - exposed / predicted)} of the predicted "
+                     "all-reduce hid behind backward")
+    return text + "."
+
+
+def _ddp(m: Machine, sweeps: list[dict]) -> dict | None:
+    ddp = m.rows[m.rows["strategy"] == "ddp"]
+    if ddp.empty:
         return None
-    return (r["mem_max"] - r["mem_min"]) / r["mem_min"]
+    paragraphs = [_ddp_paragraph(m, r, sweeps) for _, r in _trusted(ddp).iterrows()
+                  if int(r["n_devices"]) > 1]
+    for _, r in _trusted(ddp[ddp["n_devices"] == 1]).iterrows():
+        paragraphs.append(f"{r['label']} on {m.host} has nothing to exchange: its "
+                          f"{fmt.times(r['speedup'])} of the baseline is DDP's own overhead "
+                          "(copying gradients into buckets), not communication."
+                          if _given(r["speedup"]) else
+                          f"{r['label']} on {m.host} has nothing to exchange.")
+    if ((ddp["backend"] == "gloo") & ~ddp["cpu"]).any():
+        paragraphs.append(f"On {m.host} DDP used gloo on GPUs: far slower than NCCL, so it "
+                          "understates DDP.")
+    return {"title": "DDP: communication, predicted and measured", "paragraphs": paragraphs}
 
 
-def _busiest_gpu(r) -> str:
-    first = r["mem_by_device"][0] if r["mem_by_device"] else None
-    return "GPU 0" if first is not None and first >= r["mem_max"] else "the busiest GPU"
-
-
-# --- the headline: one sentence per hardware ----------------------------------------------
-
-def headline(table: pd.DataFrame) -> list[str]:
-    """Per hardware, the fastest reliable configuration and the measured reason, or why
-    no figure can be trusted."""
-    if table.empty:
-        return []
-    ok = reliable(table)
-    out = []
-    for _, rows in table.groupby("hardware", sort=False):
-        good = rows[ok[rows.index] & rows["tp_median"].notna()]
-        if good.empty:
-            out.append(_nothing_reliable(rows))
-        else:
-            best = good.loc[good["tp_median"].astype(float).idxmax()]
-            out.append(_best_sentence(best, table, ok))
-    return out
-
-
-def _where(r) -> str:
-    if r["cpu"]:
-        return "On the CPU (these are CPU figures, not a GPU measurement)"
-    return f"On {short_hardware(str(r['hardware']))}"
-
-
-def _nothing_reliable(rows: pd.DataFrame) -> str:
-    kinds = Counter(flag_kind(f) for flags in rows["flags"] for f in flags)
-    why = ", ".join(f"{kind} ×{n}" for kind, n in kinds.items()) or "no throughput measured"
-    return (f"{_where(rows.iloc[0])}, no configuration gave a reliable figure ({why}; "
-            f"details in the table): {RERUN}.")
-
-
-def _other_wrapper(r, table: pd.DataFrame, ok: pd.Series):
-    """The fastest reliable run of the other wrapper with the same settings and devices."""
-    other = {"dp": "ddp", "ddp": "dp"}.get(r["strategy"])
-    same = table[ok & (table["family"] == r["family"]) & (table["strategy"] == other)
-                 & (table["n_devices"] == r["n_devices"]) & table["tp_median"].notna()]
-    return None if same.empty else same.loc[same["tp_median"].astype(float).idxmax()]
-
-
-def _best_sentence(r, table: pd.DataFrame, ok: pd.Series) -> str:
-    text = (f"{_where(r)}, the fastest reliable configuration was {_long_method(r)} "
-            f"({r['model']}, batch {r['global_batch_size']}{_setting_of(r)}): "
-            f"{fmt.rate(r['tp_median'])} img/s")
-    unit = "CPU" if r["cpu"] else "GPU"
-    if r["strategy"] != "single":
-        text += (f", {fmt.times(r['speedup'])} the single-{unit} baseline"
-                 if _given(r["speedup"]) else
-                 f" (no single-{unit} baseline to compare with)")
-    other = _other_wrapper(r, table, ok)
-    if other is not None:
-        text += (f" and {fmt.times(r['tp_median'] / other['tp_median'])} "
-                 f"{_long_method(other)}")
-    reasons = _measured_reasons(r)
-    return text + ("; " + "; ".join(reasons) if reasons else "") + "."
-
-
-def _measured_reasons(r) -> list[str]:
-    reasons = []
-    if r["strategy"] == "ddp" and r["n_devices"] > 1:
-        reasons.append(_exposed_clause(r))
-    if r["strategy"] == "dp" and r["n_devices"] > 1:
-        surplus = gpu0_surplus(r)
-        reasons.append(f"{_busiest_gpu(r)} peaked {fmt.pct(surplus)} above the least-loaded "
-                       "GPU in memory" if surplus is not None else
-                       "its GPU memory was not measured")
-    if _given(r["data_wait_fraction"]) and r["data_wait_fraction"] > DATA_WAIT_LIMIT:
-        reasons.append(f"it waited for input data {fmt.pct(r['data_wait_fraction'])} of the "
-                       "time")
-    return reasons
-
-
-# --- the verdict ----------------------------------------------------------------------------
-
-def verdict(table: pd.DataFrame, unfinished: int) -> list[str]:
-    if table.empty:
-        return [f"No completed run to compare: {fmt.plural(unfinished, 'run')} did not finish "
-                "(listed under “Runs that did not finish”)." if unfinished else
-                "No run result in the folder, only environment information."]
-    ok = reliable(table)
-    scaled = table[table["efficiency"].notna()]
-    shown = scaled[ok[scaled.index]]
-    out = [_scaling_sentence(r) for _, r in shown.head(6).iterrows()]
-    if len(shown) > 6:
-        out.append(f"… and {len(shown) - 6} more in the table.")
-    out += _wrapper_comparisons(table, ok)
-    out += [effect["sentence"] for effect in setting_effects(table)]
-    out += time_to_accuracy_sentences(table)
-    left_out = table[~ok]
-    if not left_out.empty:
-        items = [f"{r['label']} ({_kinds(r['flags'])})" for _, r in left_out.iterrows()]
-        were, they = ("was", "It is") if len(items) == 1 else ("were", "They are")
-        out.append(f"{fmt.plural(len(items), 'figure')} {were} left out as unreliable: "
-                   f"{'; '.join(items)}. {they} greyed in the table, with the reason and "
-                   "the fix.")
-    if scaled.empty:
-        if (table["n_devices"] <= 1).all():
-            out.append("Every completed run used one device, so nothing here measures "
-                       "scaling: run steps 03 and 04 with two or more GPUs.")
-        else:
-            notes = sorted({n for n in table.loc[table["n_devices"] > 1, "efficiency_note"]
-                            if n})
-            out.append("No scaling efficiency could be computed: " + "; ".join(notes) + ".")
-    if table["cpu"].all():
-        out.append("All runs ran on the CPU: they show that the code paths work, "
-                   "not how GPUs scale.")
-    return out
-
-
-def _setting_of(r) -> str:
-    """What tells this configuration from others of its method (its label's suffix),
-    less the batch and the hardware, which the sentence names anyway."""
-    said = {f"b{r['global_batch_size']}", short_hardware(str(r["hardware"]))}
-    parts = [p for p in str(r["label"]).split(" · ")[1:] if p not in said]
-    return "".join(f", {p}" for p in parts)
-
-
-def _scaling_sentence(r) -> str:
-    return (f"{_capital(_long_method(r))} ({short_hardware(r['hardware'])}, {r['model']}, "
-            f"batch {r['global_batch_size']}{_setting_of(r)}) reached "
-            f"{fmt.times(r['speedup'])} the "
-            f"single-device throughput: {fmt.pct(r['efficiency'])} scaling efficiency "
-            f"({fmt.rate(r['tp_median'])} vs {fmt.rate(r['baseline_tp'])} img/s).")
-
-
-def _wrapper_comparisons(table: pd.DataFrame, ok: pd.Series) -> list[str]:
-    out = []
-    for _, family in table[ok].groupby("family", sort=False):
-        for n in sorted(set(family["n_devices"])):
-            dp = family[(family["strategy"] == "dp") & (family["n_devices"] == n)]
-            ddp = family[(family["strategy"] == "ddp") & (family["n_devices"] == n)]
-            if n < 2 or dp.empty or ddp.empty:
-                continue
-            a, b = ddp["tp_median"].iloc[0], dp["tp_median"].iloc[0]
-            if a and b:
-                faster = "DDP" if a >= b else "DataParallel"
-                out.append(f"On {n} {'devices' if family['cpu'].iloc[0] else 'GPUs'} "
-                           f"{faster} was the faster method: DDP {fmt.rate(a)} img/s, "
-                           f"DataParallel {fmt.rate(b)} img/s ({fmt.times(a / b)}).")
-    return out
-
-
-# --- AMP and channels_last: pairs that differ in that setting only -------------------------
-
-SETTINGS = {"amp": "Mixed precision (AMP)", "channels_last": "channels_last"}
-
-
-def setting_effects(table: pd.DataFrame) -> list[dict]:
-    """One statement per pair of configurations that differ only in amp, or only in
-    channels_last: the throughput ratio and the peak-memory change."""
-    if table.empty:
-        return []
-    effects = []
-    for field, name in SETTINGS.items():
-        for ref, var in setting_pairs(table, field):
-            effects.append({"field": field, "sentence": _effect_sentence(
-                name, field, table.loc[ref], table.loc[var])})
-    return effects
-
-
-def _setting_value(field: str, value) -> str:
-    if isinstance(value, bool) or field == "channels_last":
-        return "on" if value else "off"
-    return str(value)
-
-
-def _effect_sentence(name: str, field: str, ref, var) -> str:
-    what = (f"{name} {_setting_value(field, var[field])} vs "
-            f"{_setting_value(field, ref[field])}")
-    where = f"{short_method(var['strategy'], var['n_devices'])}, " \
-            f"{short_hardware(str(var['hardware']))}"
-    if _given(var["tp_median"]) and ref["tp_median"]:
-        speed = (f"{fmt.times(var['tp_median'] / ref['tp_median'])} the throughput "
-                 f"({fmt.rate(var['tp_median'])} vs {fmt.rate(ref['tp_median'])} img/s)")
-    else:
-        speed = "throughput not measured"
-    text = f"{what} ({where}): {speed}; {_memory_change(ref, var)}."
-    flags = list(ref["flags"]) + list(var["flags"])
-    if flags:
-        text += f" Unreliable ({_kinds(flags)}): see the table before trusting it."
-    return text
-
-
-def _memory_change(ref, var) -> str:
-    if _given(ref["mem_max"]) and _given(var["mem_max"]) and ref["mem_max"]:
-        change = var["mem_max"] / ref["mem_max"] - 1
-        return (f"peak GPU memory {fmt.gib(ref['mem_max'])} → {fmt.gib(var['mem_max'])} "
-                f"({100 * change:+.0f}%)")
-    if ref["cpu"] or var["cpu"]:
-        return "memory not measured on CPU"
-    return "peak memory not measured"
-
-
-# --- what this shows ------------------------------------------------------------------------
-
-def findings(table: pd.DataFrame, sweeps: list[dict]) -> list[dict]:
-    """Sections of “what this shows”: title and paragraphs, each from the numbers."""
-    if table.empty:
-        return []
-    out = []
-    for finding in (_dataparallel(table), _ddp(table, sweeps), _accuracy(table),
-                    _settings(table), _input_pipeline(table), _validity(table)):
-        if finding:
-            out.append(finding)
-    return out
-
-
-# --- accuracy: the same math, at another speed ---------------------------------------------
-
-def _evaluated(table: pd.DataFrame) -> pd.DataFrame:
-    if "eval" not in table.columns:
-        return table.iloc[0:0]
-    return table[table["eval"].map(lambda e: bool(e))]
-
-
-def time_to_accuracy_text(r) -> str:
-    """e.g. "50% after 13.20 s of training, a 1.25× speed-up against the single-device
-    baseline (16.50 s)"."""
-    if not _given(r["target_accuracy"]):
-        return "no --target-accuracy, so no time to accuracy"
-    target = fmt.pct(r["target_accuracy"])
-    if not _given(r["time_to_accuracy_s"]):
-        epochs = r["eval"][-1]["epoch"] if r["eval"] else 0
-        return f"{target} not reached in {fmt.plural(epochs, 'epoch')}"
-    text = f"{target} after {fmt.seconds(r['time_to_accuracy_s'])} of training"
-    if _given(r.get("tta_speedup")):
-        text += (f", {_speedup(r['tta_speedup'])} against the single-device baseline "
-                 f"({fmt.seconds(r['baseline_tta'])})")
-    elif r["strategy"] != "single" and r.get("tta_note"):
-        text += f" (no speed-up: {r['tta_note']})"
-    return text
-
-
-def _speedup(factor: float) -> str:
-    """e.g. "a 1.80× speed-up", or "0.55×: slower" below 1."""
-    if factor < 1:
-        return f"{fmt.times(factor)}: slower"
-    return f"a {fmt.times(factor)} speed-up"
-
-
-def time_to_accuracy_sentences(table: pd.DataFrame) -> list[str]:
-    """The verdict's line on time to accuracy: each method that has a speed-up."""
-    rows = _evaluated(table)
-    rows = rows[rows["strategy"] != "single"] if not rows.empty else rows
-    out = []
-    for _, r in rows.iterrows():
-        if _given(r.get("tta_speedup")):
-            out.append(f"Time to {fmt.pct(r['target_accuracy'])} validation accuracy: "
-                       f"{r['label']} {fmt.seconds(r['time_to_accuracy_s'])} of training "
-                       f"against {fmt.seconds(r['baseline_tta'])} for the single-device "
-                       f"baseline, {_speedup(r['tta_speedup'])} in time to accuracy.")
-    return out
-
+# --- accuracy -------------------------------------------------------------------------------
 
 def accuracy_gap(r) -> dict | None:
-    """The accuracy of ``r`` and of its baseline at their last common epoch, when they
-    are more than ACCURACY_GAP apart: {epoch, accuracy, baseline, causes}."""
+    """The widest gap between ``r``'s accuracy and its baseline's at a common epoch, when
+    it exceeds ACCURACY_GAP: {epoch, accuracy, baseline, causes}."""
     if r["strategy"] == "single" or not r["eval"] or not r.get("baseline_accuracy_eval"):
         return None
     mine = {p["epoch"]: p["accuracy"] for p in r["eval"]}
@@ -361,8 +435,9 @@ def accuracy_gap(r) -> dict | None:
     common = sorted(set(mine) & set(theirs))
     if not common:
         return None
-    epoch = common[-1]
-    if abs(mine[epoch] - theirs[epoch]) <= ACCURACY_GAP:
+    epoch = max(common, key=lambda e: abs(mine[e] - theirs[e]))
+    # in points, rounded as printed: 55% - 50% is 5.0 points, not 5.000000000000004
+    if round(100 * abs(mine[epoch] - theirs[epoch]), 6) <= round(100 * ACCURACY_GAP, 6):
         return None
     return {"epoch": epoch, "accuracy": mine[epoch], "baseline": theirs[epoch],
             "causes": accuracy_causes(r)}
@@ -372,445 +447,100 @@ def accuracy_causes(r) -> list[str]:
     """What in the configuration can make ``r`` learn differently from its baseline."""
     causes = []
     n = int(r["n_devices"])
-    per_device = r["per_device_batch_size"]
     if r["strategy"] == "ddp" and n > 1 and r["sync_bn"] is not True:
-        gpus = "" if not r["cpu"] else " (--sync-bn needs GPUs)"
-        causes.append(f"batch norm per rank: each of the {n} ranks normalises over its own "
-                      f"{per_device} images, 1/{n} of the global batch of "
-                      f"{r['global_batch_size']}, without --sync-bn{gpus}")
+        causes.append(f"batch norm per rank over {r['per_device_batch_size']} of "
+                      f"{r['global_batch_size']} images (no --sync-bn)")
     if r["strategy"] == "dp" and n > 1:
-        causes.append(f"batch norm per GPU: DataParallel's replicas normalise over their own "
-                      f"share of the batch, 1/{n} of it")
+        causes.append(f"batch norm per GPU over 1/{n} of the batch")
     base_batch = r.get("baseline_global_batch")
     if _given(base_batch) and _given(r["global_batch_size"]) \
             and int(base_batch) != int(r["global_batch_size"]):
-        causes.append(f"the global batch differs ({int(r['global_batch_size'])} vs "
-                      f"{int(base_batch)}): {fmt.times(r['global_batch_size'] / base_batch)} "
-                      "the images per optimizer step, so that many times fewer steps per "
-                      "epoch")
+        causes.append(f"{r['global_batch_size'] / base_batch:g}× fewer optimizer steps per "
+                      f"epoch (global batch {int(r['global_batch_size'])}, baseline "
+                      f"{int(base_batch)})")
     base_lr = r.get("baseline_lr")
     if _given(base_lr) and _given(r["lr"]) and abs(r["lr"] - base_lr) > 1e-12 * max(1, base_lr):
-        rule = ("by the linear scaling rule" if not str(r["lr_rule"]).startswith("--lr")
-                else "--lr given")
-        causes.append(f"the learning rate differs ({r['lr']:g} vs {base_lr:g}, {rule})")
+        causes.append(f"learning rate {r['lr']:g} (baseline {base_lr:g})")
     return causes
 
 
-def _accuracy(table: pd.DataFrame) -> dict | None:
-    rows = _evaluated(table)
+def _accuracy(m: Machine) -> dict | None:
+    rows = _trusted(m.rows)
+    rows = rows[rows["eval"].map(bool)] if not rows.empty else rows
     if rows.empty:
         return None
     paragraphs = []
     for _, r in rows.iterrows():
-        last = r["eval"][-1]
-        paragraphs.append(f"{r['label']}: {fmt.pct(r['final_accuracy'], 1)} top-1 on the "
-                          f"validation split after epoch {last['epoch']}; "
-                          f"{time_to_accuracy_text(r)}.")
-    for _, r in rows.iterrows():
         gap = accuracy_gap(r)
         if gap is None:
             continue
-        causes = gap["causes"]
-        why = ("Likely causes, from the configurations: " + "; ".join(causes) + "."
-               if causes else "The recorded settings agree, so this is run-to-run noise "
-               "(a different order of the same images): repeat the runs with "
-               "`python -m labs run --repeat 3`.")
+        why = ("; ".join(gap["causes"]) if gap["causes"] else
+               "the settings agree, so it is run-to-run noise (repeat the runs)")
         paragraphs.append(
-            f"At epoch {gap['epoch']} {r['label']} reached {fmt.pct(gap['accuracy'], 1)} "
-            f"and the single-device baseline {fmt.pct(gap['baseline'], 1)}: "
-            f"{100 * abs(gap['accuracy'] - gap['baseline']):.1f} points apart. {why}")
-    if ((rows["strategy"] == "ddp") & (rows["n_devices"] > 1) & rows["cpu"]).any():
-        paragraphs.append("On the CPU, batch norm in each DDP rank sees only that rank's "
-                          "1/N of the global batch: --sync-bn, which computes the statistics "
-                          "over the global batch, needs GPUs.")
-    paragraphs.append("DDP with N ranks of B images computes the gradient of one step on "
-                      "N·B images, as a single device would (tests/test_ddp_equivalence.py "
-                      "checks it); batch norm aside, what changes the accuracy per epoch is "
-                      "the global batch and the learning rate that goes with it. Time to "
-                      f"accuracy is the fair speed comparison; see {GUIDE}, \"DDP changes "
-                      "speed, not the math\".")
-    return {"title": "Accuracy: the same math, at another speed", "paragraphs": paragraphs}
+            f"{r['label']} on {m.host}: {100 * abs(gap['accuracy'] - gap['baseline']):.1f} "
+            f"points {'below' if gap['accuracy'] < gap['baseline'] else 'above'} its baseline "
+            f"at epoch {gap['epoch']} ({fmt.pct(gap['accuracy'], 1)} vs "
+            f"{fmt.pct(gap['baseline'], 1)}); {why}.")
+    grown = rows[(rows["n_devices"] > 1) & (rows["scaling_mode"] == "weak")]
+    if not grown.empty:
+        paragraphs.append(f"On {m.host} the global batch grew with the device count (weak "
+                          "scaling), so an epoch has fewer, larger steps: compare time to "
+                          "accuracy, not accuracy per epoch.")
+    return {"title": "Accuracy", "paragraphs": paragraphs}
 
 
-def _efficiencies(rows: pd.DataFrame) -> str | None:
-    items = []
-    for _, r in rows[rows["efficiency"].notna()].iterrows():
-        if r["flags"]:
-            items.append(f"{r['label']}: unreliable ({_kinds(r['flags'])}), see the table")
-        else:
-            items.append(f"{r['label']}: {fmt.pct(r['efficiency'])} "
-                         f"({fmt.times(r['speedup'])})")
-    return "Scaling efficiency: " + "; ".join(items) + "." if items else None
-
-
-def _dataparallel(table: pd.DataFrame) -> dict | None:
-    dp = table[(table["strategy"] == "dp") & (table["n_devices"] > 1)]
-    if dp.empty:
-        if (table["strategy"] == "dp").any():
-            return {"title": "DataParallel", "paragraphs": [
-                "DataParallel only ran on a single device (one GPU or the CPU), where it "
-                "calls the module directly: it shows neither GPU 0's surplus nor its "
-                "scaling. Run step 03 with --gpus 0,1 or more on a multi-GPU machine."]}
+def _input_pipeline(m: Machine) -> dict | None:
+    slow = _trusted(m.rows)
+    slow = slow[slow["data_wait_fraction"] > DATA_WAIT_LIMIT] if not slow.empty else slow
+    if slow.empty:
         return None
-    paragraphs = [_dp_memory(r) for _, r in dp.iterrows()]
-    paragraphs.append(_dp_step_times(dp))
-    efficiencies = _efficiencies(dp)
-    if efficiencies:
-        paragraphs.append(efficiencies)
-    paragraphs.append(f"How DataParallel splits each step over the GPUs is explained in "
-                      f"{GUIDE} (checkpoint 1); this report states only what the runs "
-                      "measured.")
-    surplus = [gpu0_surplus(r) or 0 for _, r in dp.iterrows()]
-    carried = max(surplus) > 0.05 and all(_busiest_gpu(r) == "GPU 0"
-                                          for _, r in dp.iterrows() if gpu0_surplus(r))
-    title = "DataParallel: GPU 0 carries the others" if carried else "DataParallel"
-    return {"title": title, "paragraphs": paragraphs}
+    items = [f"{r['label']} ({fmt.pct(r['data_wait_fraction'])})" for _, r in slow.iterrows()]
+    return {"title": "Input pipeline", "paragraphs": [
+        f"On {m.host} {_list(items)} waited for input data more than "
+        f"{fmt.pct(DATA_WAIT_LIMIT)} of the measured time: raise --num-workers, or measure "
+        "with --data synthetic."]}
 
 
-def _dp_memory(r) -> str:
-    surplus = gpu0_surplus(r)
-    if surplus is None:
-        return (f"{r['label']}: device memory was not measured (no GPU), so GPU 0's "
-                "surplus cannot be shown.")
-    return (f"In {r['label']}, {_busiest_gpu(r)} peaked at {fmt.gib(r['mem_max'])} while "
-            f"the least loaded GPU peaked at {fmt.gib(r['mem_min'])} "
-            f"({fmt.pct(surplus)} more).")
+# --- settings measured in pairs, and what the numbers cannot say ----------------------------
+
+SETTINGS = {"amp": "autocast", "channels_last": "channels_last"}
 
 
-def _dp_step_times(dp: pd.DataFrame) -> str:
-    timed = [(r["label"], [d["step_time_s"] for d in r["device_detail"]])
-             for _, r in dp.iterrows()]
-    per_gpu = [f"{label}: " + ", ".join(f"GPU {i} {fmt.seconds(t)}"
-                                        for i, t in enumerate(times))
-               for label, times in timed if times and all(_given(t) for t in times)]
-    if per_gpu:
-        return "Step time per GPU: " + "; ".join(per_gpu) + "."
-    return ("Step time per GPU: not measured per GPU (DataParallel times the whole step "
-            "only); the global step time is in the table and under Run details.")
-
-
-# --- DDP: predicted and measured communication ---------------------------------------------
-
-def _ddp(table: pd.DataFrame, sweeps: list[dict]) -> dict | None:
-    ddp = table[table["strategy"] == "ddp"]
-    if ddp.empty:
-        return None
+def _settings(m: Machine) -> dict | None:
+    """Every reliable pair of configurations that differ in amp only, or channels_last
+    only: the throughput ratio and the peak-memory change."""
     paragraphs = []
-    efficiencies = _efficiencies(ddp)
-    if efficiencies:
-        paragraphs.append(efficiencies)
-    buckets = sorted({str(b) for b in ddp["bucket_cap_mb"] if _given(b)}) or ["25"]
-    paragraphs.append(
-        f"DDP all-reduces the gradients in buckets of about {' / '.join(buckets)} MB "
-        "(bucket_cap_mb). How much of that all-reduce stays hidden behind backward is "
-        "measured per run: the same steps run once more inside "
-        "model.no_sync() (compute only, no all-reduce), and exposed communication = synced "
-        "step median − compute-only step median. Step 01's all-reduce sweep predicts the "
-        "time the all-reduce itself needs.")
-    paragraphs += [_ddp_run(r, sweeps) for _, r in ddp.iterrows()]
-    paragraphs += _ddp_memory(ddp)
-    paragraphs += _low_efficiency(ddp, sweeps)
-    gloo_gpu = ddp[(ddp["backend"] == "gloo") & ~ddp["cpu"]]
-    if not gloo_gpu.empty:
-        paragraphs.append(f"{_list(list(gloo_gpu['label']))} used gloo on GPUs: its "
-                          "all-reduce is far slower than NCCL's, so it understates DDP.")
-    return {"title": "DDP: communication, predicted and measured", "paragraphs": paragraphs}
+    for field, name in SETTINGS.items():
+        for ref, var in setting_effects(m.rows, field):
+            what = (f"{precision(var['amp'])} {name} against fp32" if field == "amp" else
+                    f"{name} {'on' if var[field] else 'off'} against "
+                    f"{'on' if ref[field] else 'off'}")
+            text = (f"{what}, {var['label']} on {m.host}: "
+                    f"{fmt.times(var['tp_median'] / ref['tp_median'])} the throughput "
+                    f"({fmt.rate(var['tp_median'])} vs {fmt.rate(ref['tp_median'])} img/s)")
+            if _given(ref["mem_max"]) and _given(var["mem_max"]) and ref["mem_max"]:
+                text += (f", peak memory {fmt.gib(ref['mem_max'], 1)} → "
+                         f"{fmt.gib(var['mem_max'], 1)}")
+            paragraphs.append(text + ".")
+    if len(paragraphs) < 2:
+        return None  # one pair: the verdict already says it
+    return {"title": "Settings measured in pairs", "paragraphs": paragraphs}
 
 
-def _ddp_run(r, sweeps: list[dict]) -> str:
-    text = (_ddp_overhead(r) if int(r["n_devices"]) < 2 else
-            _ddp_communication(r, sweeps))
-    if r["flags"]:
-        text += f" This run's figures are flagged unreliable ({_kinds(r['flags'])})."
-    return text
-
-
-def _steps(r) -> str:
-    return (f"synced step {fmt.seconds(r['step_median'])}, compute-only step (no_sync) "
-            f"{fmt.seconds(r['compute_median'])}")
-
-
-def _noise_text(r) -> str:
-    return (f"{fmt.seconds(r['exposed_comm_s'])} is within noise (below "
-            f"{fmt.seconds(noise_floor(r))}, the larger of half the compute-only p10–p90 "
-            f"width and {fmt.pct(NOISE_STEP_SHARE)} of the step)")
-
-
-def _ddp_overhead(r) -> str:
-    label = r["label"]
-    if not _given(r["exposed_comm_s"]):
-        return (f"{label}: world size 1, nothing to exchange; DDP's own overhead was not "
-                "measured (no compute-only steps in this result file).")
-    if within_noise(r):
-        return (f"{label}: world size 1, nothing to exchange; DDP's own overhead "
-                f"(copying gradients into its buckets) is within noise here ({_steps(r)}): "
-                f"the difference of {_noise_text(r)}.")
-    return (f"{label}: world size 1, nothing to exchange, so the difference of "
-            f"{fmt.seconds(r['exposed_comm_s'])} ({_steps(r)}) is DDP's own overhead "
-            "(copying gradients into its buckets), not communication.")
-
-
-def _ddp_communication(r, sweeps: list[dict]) -> str:
-    wire, bytes_text = _wire_bytes(r)
-    predicted, prediction_text = _prediction(r, wire, sweeps)
-    return (f"{r['label']}: each step all-reduces {bytes_text}. {prediction_text} "
-            f"{_measured_exposure(r, predicted)}")
-
-
-def _wire_bytes(r) -> tuple[float | None, str]:
-    grad = r["gradient_bytes"]
-    hook = r["comm_hook"] if isinstance(r["comm_hook"], str) else "none"
-    if not _given(grad):
-        return None, "gradients of a size this result file does not record (an older file)"
-    if hook in ("fp16", "bf16"):
-        return grad / 2, (f"{fmt.size(grad)} of gradients, {fmt.size(grad / 2)} on the wire "
-                          f"with the {hook} compression hook")
-    if hook == "powersgd":
-        return None, (f"{fmt.size(grad)} of gradients, compressed by the PowerSGD hook to "
-                      "a size the file does not record")
-    return grad, f"{fmt.size(grad)} of gradients"
-
-
-def sweep_for(r, sweeps: list[dict]) -> tuple[dict | None, str]:
-    """Step 01's sweep to predict ``r``'s all-reduce with, and how it was chosen (or why
-    there is none)."""
-    if not sweeps:
-        return None, ("the prediction needs step 01's all-reduce sweep (run "
-                      "01_environment_check.py on this machine)")
-    kind = "the CPU" if r["cpu"] else "GPUs"
-    usable = [s for s in sweeps if s["cpu"] == bool(r["cpu"])]
-    if not usable:
-        return None, f"step 01 measured no all-reduce on {kind}, which this run used"
-    correct = [s for s in usable if s["all_correct"]]
-    if not correct:
-        return None, "step 01's all-reduce returned wrong sums, so it predicts nothing"
-    world = int(r["n_devices"])
-    same = [s for s in correct if s["world_size"] == world]
-    if same:
-        return same[0], f"step 01 measured for {world} ranks ({same[0]['file']})"
-    near = min(correct, key=lambda s: abs(s["world_size"] - world))
-    return near, (f"step 01 measured for {near['world_size']} ranks, not {world} "
-                  f"({near['file']}; only that world size was measured, so it stands in)")
-
-
-def _prediction(r, wire: float | None, sweeps: list[dict]) -> tuple[float | None, str]:
-    if wire is None:
-        return None, "No prediction without the bytes on the wire."
-    sweep, how = sweep_for(r, sweeps)
-    if sweep is None:
-        return None, f"No prediction: {how}."
-    world = int(r["n_devices"])
-    busbw = bandwidth.interpolate_busbw(sweep["results"], wire)
-    predicted = bandwidth.predict_allreduce_s(wire, world, sweep["results"])
-    if busbw is None or predicted is None:
-        return None, f"No prediction: {sweep['file']} has no usable bus bandwidth."
-    return predicted, (f"At the {busbw:.1f} GB/s bus bandwidth {how}, that all-reduce "
-                       f"takes {fmt.seconds(predicted)} (predicted).")
-
-
-def _measured_exposure(r, predicted: float | None) -> str:
-    if not _given(r["exposed_comm_s"]):
-        return ("Exposed communication was not measured (no compute-only steps in this "
-                "result file; rerun step 04).")
-    if within_noise(r):
-        return (f"Measured: {_steps(r)}; the exposed communication of {_noise_text(r)}, so "
-                "no share hidden behind backward is claimed.")
-    exposed = r["exposed_comm_s"]
-    text = f"Measured: {_steps(r)}, so {_exposed(r)} of communication is exposed."
-    if predicted:
-        hidden = min(1.0, max(0.0, 1 - exposed / predicted))
-        text += f" Hidden behind backward: {fmt.pct(hidden)} of the predicted all-reduce."
-    return text
-
-
-def _ddp_memory(ddp: pd.DataFrame) -> list[str]:
-    measured = ddp[ddp["mem_max"].notna() & ddp["mem_min"].notna() & (ddp["n_devices"] > 1)]
-    if measured.empty:
-        return []
-    spread = ((measured["mem_max"] - measured["mem_min"]) / measured["mem_min"]).max()
-    same = ("is the same on every GPU of a DDP run" if spread < 0.005 else
-            f"differs by at most {fmt.pct(spread)} between the GPUs of a DDP run")
-    return [f"Peak memory {same}: every rank holds the same model and an equal share of "
-            "the batch, unlike DataParallel's GPU 0."]
-
-
-def peak_busbw(sweeps: list[dict], cpu: bool) -> float | None:
-    values = [num(r.get("busbw_gb_s")) for s in sweeps if s["cpu"] == cpu and s["all_correct"]
-              for r in s["results"]]
-    values = [v for v in values if v is not None]
-    return max(values) if values else None
-
-
-def _low_efficiency(ddp: pd.DataFrame, sweeps: list[dict]) -> list[str]:
-    low = ddp[ddp["efficiency"].notna() & (ddp["efficiency"] < LOW_EFFICIENCY)
-              & reliable(ddp)]
-    return [_cpu_advice(r) if r["cpu"] else _gpu_advice(r, sweeps)
-            for _, r in low.iterrows()]
-
-
-def _cpu_advice(r) -> str:
-    n = int(r["n_devices"])
-    text = f"{r['label']} stayed below {fmt.pct(LOW_EFFICIENCY)} on the CPU: "
-    threads = r["threads_per_process"]
-    if _given(threads):
-        total = int(n * threads)
-        cores = f" on {int(r['cpu_count'])} cores" if _given(r["cpu_count"]) else ""
-        text += (f"{n} processes × {fmt.plural(int(threads), 'thread')} each = "
-                 f"{total} threads{cores}")
-        if _given(r["cpu_count"]) and total > r["cpu_count"]:
-            text += ", more threads than cores, so the ranks compete for them"
-        text += "; "
-    else:
-        text += "threads per process not recorded; "
-    return text + ("keep processes × OMP_NUM_THREADS at or below the cores, and expect the "
-                   "memory bandwidth all CPU processes share to bound CPU scaling.")
-
-
-def _gpu_advice(r, sweeps: list[dict]) -> str:
-    text = f"{r['label']} stayed below {fmt.pct(LOW_EFFICIENCY)}: "
-    if _given(r["exposed_comm_s"]) and not within_noise(r):
-        text += f"{_exposed(r)} of communication was exposed per step"
-        peak = peak_busbw(sweeps, cpu=False)
-        if peak is not None:
-            text += (f" and step 01 measured at most {peak:.1f} GB/s all-reduce bus "
-                     "bandwidth on the interconnect")
-        return text + "; a larger per-GPU batch gives more compute per byte sent."
-    if _given(r["exposed_comm_s"]):
-        return text + ("exposed communication is within noise, so look at the data wait "
-                       "and the per-rank step times (a straggler) under Run details.")
-    return text + ("exposed communication was not measured; rerun step 04 to measure it, "
-                   "and check the data wait below.")
-
-
-def _settings(table: pd.DataFrame) -> dict | None:
-    effects = setting_effects(table)
-    if not effects:
+def _caveats(m: Machine) -> dict | None:
+    """What a reader must know before quoting this machine's numbers, when it applies."""
+    paragraphs = []
+    nodes = pd.to_numeric(m.rows["nnodes"], errors="coerce")
+    several = m.rows[nodes > 1]
+    if not several.empty:
+        paragraphs.append(f"{_list(list(several['label']))} spanned several nodes from "
+                          f"{m.host}: their efficiency includes the network between them.")
+    for _, r in m.rows[m.rows["n_runs"] > 1].iterrows():
+        if r["tp_run_min"] and r["tp_run_max"] / r["tp_run_min"] > 1.10 and not r["flags"]:
+            paragraphs.append(f"The {r['n_runs']} runs of {r['label']} on {m.host} differ "
+                              f"by {fmt.pct(r['tp_run_max'] / r['tp_run_min'] - 1)} in "
+                              "throughput: the machine was not quiet, or the runs differ "
+                              "in ways the files do not record.")
+    if not paragraphs:
         return None
-    return {"title": "Mixed precision and channels_last, measured",
-            "paragraphs": [e["sentence"] for e in effects] +
-                          ["Each pair differs in that one setting only; the ratio is "
-                           "throughput with the setting over throughput without it."]}
-
-
-def _input_pipeline(table: pd.DataFrame) -> dict | None:
-    waits = table[table["data_wait_fraction"].notna()]
-    if waits.empty:
-        return None
-    slow = waits[waits["data_wait_fraction"] > DATA_WAIT_LIMIT]
-    if not slow.empty:
-        items = [f"{r['label']} ({fmt.pct(r['data_wait_fraction'])})"
-                 for _, r in slow.iterrows()]
-        text = (f"{_list(items)} waited for input data more than "
-                f"{fmt.pct(DATA_WAIT_LIMIT)} of the measured time: for that share the "
-                "devices waited for the input pipeline instead of computing. Raise "
-                "--num-workers, or run with --data synthetic to measure "
-                "without the input pipeline.")
-    else:
-        r = waits.loc[waits["data_wait_fraction"].idxmax()]
-        text = (f"Data wait stayed below {fmt.pct(DATA_WAIT_LIMIT)} of step time everywhere "
-                f"(at most {fmt.pct(r['data_wait_fraction'], 1)}, in {r['label']}): the "
-                "input pipeline kept up.")
-    return {"title": "Input pipeline", "paragraphs": [text]}
-
-
-def _validity(table: pd.DataFrame) -> dict:
-    out = [f"{r['label']}: {flag}." for _, r in table.iterrows() for flag in r["flags"]]
-    ws1 = table[table["efficiency_note"] == WORLD_SIZE_1]
-    for _, r in ws1.iterrows():
-        out.append(f"{r['label']} has world size 1: against the baseline "
-                   f"({fmt.times(r['speedup'])}) it measures the wrapper's overhead, "
-                   "not scaling.")
-    missing = table[table["efficiency_note"].fillna("").str.startswith("no ")]
-    for _, r in missing.iterrows():
-        out.append(f"{r['label']} ({short_hardware(r['hardware'])}): "
-                   f"{r['efficiency_note']}.")
-    hardware = sorted(set(table["hardware"]))
-    if len(hardware) > 1:
-        out.append(f"The runs come from different hardware ({'; '.join(hardware)}): each "
-                   "is compared only with a baseline on the same device.")
-    if table["family"].nunique() > len(hardware):
-        out.append("The runs differ in settings (model, image size, per-device batch, "
-                   "precision, layout, compile or data): each is compared only with a "
-                   "baseline of the same settings.")
-    if table["cpu"].all():
-        out.append("Every run used the CPU: these numbers rehearse the code paths; "
-                   "CPU cores share memory bandwidth, so they say nothing about GPU scaling.")
-    elif table["cpu"].any():
-        out.append(f"{_list(list(table.loc[table['cpu'], 'label']))}: run on the CPU, "
-                   "not a GPU measurement.")
-    multinode = table[pd.to_numeric(table["nnodes"], errors="coerce") > 1]
-    if not multinode.empty:
-        out.append(f"{_list(list(multinode['label']))} spanned several nodes: their "
-                   "efficiency includes the network between nodes.")
-    for _, r in table[table["n_runs"] > 1].iterrows():
-        if r["tp_run_min"] and r["tp_run_max"] / r["tp_run_min"] > 1.10:
-            out.append(f"Repeated runs of {r['label']} differ by "
-                       f"{fmt.pct(r['tp_run_max'] / r['tp_run_min'] - 1)} in throughput: "
-                       "the machine was not quiet, or the runs differ in ways the file "
-                       "does not record.")
-    if not out:
-        out.append("No caveat: every multi-device run has a matching baseline on the same "
-                   "hardware and settings, and no figure is flagged unreliable.")
-    return {"title": "When a comparison is not valid", "paragraphs": out}
-
-
-def methodology(table: pd.DataFrame) -> list[str]:
-    warm = sorted({int(w) for w in table.get("warmup_steps", pd.Series([], dtype=float))
-                   .dropna()}) if not table.empty else []
-    warm_text = (f" ({'/'.join(map(str, warm))} steps in these runs)" if warm else "")
-    return [
-        "Warmup: the first steps of every run (cuDNN autotuning, torch.compile, allocator "
-        f"growth) are excluded from every measurement{warm_text}; peak-memory statistics "
-        "are reset when warmup ends.",
-        "Timing: a step lasts from the end of the previous step to the end of this one, "
-        "measured with CUDA events on a GPU (read once per epoch, no host synchronisation "
-        "in the timed loop) and with the host clock on the CPU, so time the device waits "
-        "for data counts against throughput; the wait for data is also reported on its own.",
-        "Global step time: the median, p10 and p90 are those of the slowest rank's own "
-        "per-step distribution, the slowest rank being the one with the largest measured "
-        "time. Throughput is global: its median, p10 and p90 are the global samples per "
-        "step over that distribution, and its mean is the global samples of all measured "
-        "steps / the slowest rank's measured time. Repeated runs of one configuration are "
-        "combined as the median of their medians, with the range of run medians.",
-        "Exposed communication (DDP) = synced step median − compute-only step median, the "
-        "compute-only steps being the same steps run inside model.no_sync() (no gradient "
-        "all-reduce) after training. It is within noise when smaller than half the "
-        "compute-only p10–p90 width or than "
-        f"{fmt.pct(NOISE_STEP_SHARE)} of the step. Predicted all-reduce time = bytes on the "
-        "wire × 2(N−1)/N / bus bandwidth, the bus bandwidth read from step 01's sweep at "
-        "that message size; hidden share = 1 − exposed / predicted, clipped to 0–100%.",
-        "Validity: a figure is flagged unreliable, greyed in the table and never "
-        f"headlined, when its scaling efficiency is above {fmt.pct(SUPERLINEAR_LIMIT)} "
-        "(superlinear); when a world-size-1 DataParallel or DDP run is more than "
-        f"{fmt.pct(WRAPPER_FASTER_LIMIT - 1)} faster than its baseline; when its own "
-        f"throughput p10–p90 spread, or its baseline's, exceeds {fmt.pct(SPREAD_LIMIT)} of "
-        "the median; or when the medians of repeated runs (its own or its baseline's) span "
-        f"more than {fmt.pct(SPREAD_LIMIT)} of their median. The fix: {RERUN}.",
-        "Time per epoch is the median epoch wall time, leaving out the first epoch when "
-        "there is more than one (it contains the warmup).",
-        "Accuracy: after every epoch each run evaluates its validation split (model.eval(), "
-        "no gradients, no augmentation, the training's mixed precision); under DDP each "
-        "rank takes its own share, no image repeated, and the counts are added up over "
-        "the ranks, so every image counts once. Evaluation is timed apart and enters no "
-        "step, epoch or throughput. Time to accuracy is the training wall time (the sum of "
-        "the epochs, evaluation left out) until the first evaluation at or above the "
-        "target; its speed-up is the matching baseline's time over the run's. Accuracies "
-        f"more than {100 * ACCURACY_GAP:g} points apart at the same epoch are explained "
-        "from the configurations.",
-        "GPU memory is the peak allocated by PyTorch on each GPU after warmup "
-        "(torch.cuda.max_memory_allocated), less the synthetic data pool resident on that "
-        "GPU (data_pool_bytes: the same for every method, but under DataParallel only on "
-        "GPU 0, where it would inflate GPU 0's surplus); the table shows the largest and "
-        "smallest GPU of a run. The CPU has no allocator statistics: n/a (CPU); the "
-        "host's peak resident "
-        "memory (RSS, the largest over the processes of a run) is shown instead, and for "
-        "every run under Run details.",
-        "Scaling efficiency = throughput on N devices / (N × throughput of the matching "
-        "single-device 02 run); speedup = throughput / baseline throughput. N is the GPUs "
-        "DataParallel splits each batch over, or the DDP world size. A baseline matches "
-        "when model, image size, per-device batch, mixed precision, channels_last, "
-        "torch.compile, data source and device name agree, and on CPUs threads per "
-        "process (the host may differ; a setting missing from both files counts as "
-        "equal). With N = "
-        "1 efficiency is not a scaling measurement and is not given.",
-    ]
+    return {"title": "Caveats", "paragraphs": paragraphs}

@@ -1,8 +1,9 @@
-"""The report itself: one context, rendered as self-contained HTML (jinja2, autoescaped)
-or Markdown, plus the CSV of the main table.
+"""The report itself: one context, rendered by a template as self-contained HTML (jinja2,
+autoescaped) or as Markdown (the same context, every value escaped), plus the CSV of the
+main table.
 
 Everything that comes from a result file is text to display, never markup: the HTML
-template is autoescaped, and the Markdown writer escapes every value.
+template is autoescaped, and the Markdown template passes every value through ``md``.
 """
 
 from __future__ import annotations
@@ -12,119 +13,117 @@ import re
 
 import jinja2
 import pandas as pd
+from markupsafe import Markup
 
 from labs import fmt
-from labs.report import environment, narrative
-from labs.report.analysis import WORLD_SIZE_1, allreduce_sweeps
+from labs.report import environment, machines as machines_mod, narrative
+from labs.report.analysis import (SPREAD_LIMIT, SUPERLINEAR_LIMIT, WORLD_SIZE_1,
+                                  WRAPPER_FASTER_LIMIT, RERUN, allreduce_sweeps, flag_kind,
+                                  precision)
 from labs.report.loading import Folder, failure_reason
-from labs.report.output import GENERATOR, MARKDOWN_MARK
-from labs.report.plots import Plot
-
-TITLE = "DataParallel vs DistributedDataParallel: performance comparison"
+from labs.report.output import GENERATOR, MARKDOWN_MARK, TITLE
 
 
-# --- the context: what every output format shows ----------------------------------------
+# --- the main table, one row per configuration ------------------------------------------
 
-def _family_title(r) -> str:
-    parts = [str(r["model"]), f"{r['img_size']} px", f"{r['per_device_batch_size']} per device",
-             f"amp {r['amp']}"]
-    if r["channels_last"]:
-        parts.append("channels_last")
-    if r["compile"]:
-        parts.append("compiled")
-    if not fmt.missing(r["cpu_threads"]):
-        parts.append(fmt.plural(int(r["cpu_threads"]), "thread") + " per process")
-    parts += [f"{r['data']} data", str(r["hardware"])]
-    return " · ".join(parts)
-
-
-def _memory(r) -> str:
+def _memory(r) -> tuple[str, str]:
+    """(cell, detail): device 0's peak / the others' median, or the host's RSS on CPUs."""
     if fmt.missing(r["mem_max"]):
-        if not r["cpu"]:
-            return "n/a"
-        rss = "" if fmt.missing(r["host_rss"]) else f" · host RSS {fmt.gib(r['host_rss'])}"
-        return "n/a (CPU)" + rss
-    if len(r["mem_by_device"]) > 1 and r["mem_max"] != r["mem_min"]:
-        return f"max {fmt.gib(r['mem_max'])} / min {fmt.gib(r['mem_min'])}"
-    return fmt.gib(r["mem_max"])
+        rss = "" if fmt.missing(r["host_rss"]) else f"host RSS {fmt.gib(r['host_rss'], 1)}"
+        return ("n/a (CPU)" if r["cpu"] else "n/a"), rss
+    surplus = narrative.gpu0_surplus(r)
+    if surplus and abs(surplus[0] - surplus[1]) > 0.005 * surplus[1]:
+        return f"{surplus[0] / 2**30:.1f} / {surplus[1] / 2**30:.1f} GiB", "device 0 / others"
+    return fmt.gib(r["mem_max"], 1), "every device" if len(r["mem_by_device"]) > 1 else ""
+
+
+def _speedup(r, unit: str) -> tuple[str, str]:
+    if r["efficiency_note"] == "baseline":
+        return "1.00×", "the baseline"
+    if fmt.missing(r["speedup"]):
+        return "n/a", r["efficiency_note"] or ""
+    detail = f"vs {fmt.rate(r['baseline_tp'])}"
+    if r["efficiency_note"] == WORLD_SIZE_1:
+        detail = f"one {unit}: the wrapper's overhead"
+    return fmt.times(r["speedup"]), detail
 
 
 def _efficiency(r) -> tuple[str, str, str]:
-    """(cell text, detail line, CSS class)"""
-    note = r["efficiency_note"]
-    if not fmt.missing(r["efficiency"]) and r["flags"]:
-        return (fmt.pct(r["efficiency"]), f"{fmt.times(r['speedup'])} vs "
-                f"{fmt.rate(r['baseline_tp'])} img/s · unreliable", "unreliable")
+    """(cell, detail, CSS class). Only a trusted figure is coloured."""
     if not fmt.missing(r["efficiency"]):
-        level = "good" if r["efficiency"] >= 0.85 else "fair" if r["efficiency"] >= 0.6 else "poor"
-        return (fmt.pct(r["efficiency"]), f"{fmt.times(r['speedup'])} vs "
-                f"{fmt.rate(r['baseline_tp'])} img/s", level)
-    if note == "baseline":
-        return "baseline", f"{fmt.rate(r['tp_median'])} img/s = 100%", "base"
-    if note == WORLD_SIZE_1:
-        return WORLD_SIZE_1, f"{fmt.times(r['speedup'])} the baseline", "na"
-    return "n/a", note or "", "na"
+        level = ("unreliable" if r["flags"] else "good" if r["efficiency"] >= 0.85
+                 else "fair" if r["efficiency"] >= 0.6 else "poor")
+        return fmt.pct(r["efficiency"]), f"{r['scaling_mode']} scaling", level
+    if r["efficiency_note"] == "baseline":
+        return "—", "baseline", "na"
+    if r["efficiency_note"] == WORLD_SIZE_1:
+        return "—", "one device: not scaling", "na"
+    return "n/a", "", "na"
 
 
-def _accuracy(r) -> tuple[str, str]:
-    """(cell text, detail line) of the final-accuracy column."""
+def _accuracy(r) -> tuple[str, str, str, str]:
+    """(final accuracy, its detail, time to target, its detail)."""
     if not r.get("eval"):
-        return "n/a", "no evaluation"
-    text = fmt.pct(r["final_accuracy"], 1)
+        return "n/a", "no evaluation", "—", ""
+    final = fmt.pct(r["final_accuracy"], 1)
+    detail = f"after epoch {r['eval'][-1]['epoch']}"
     if fmt.missing(r["target_accuracy"]):
-        return text, f"after epoch {r['eval'][-1]['epoch']}"
+        return final, detail, "—", "no target"
     target = fmt.pct(r["target_accuracy"])
     if fmt.missing(r["time_to_accuracy_s"]):
-        return text, f"{target} not reached"
-    detail = f"to {target} in {fmt.seconds(r['time_to_accuracy_s'])}"
+        return final, detail, "not reached", f"{target} target"
+    tta_detail = f"to {target}"
     if not fmt.missing(r.get("tta_speedup")):
-        how = ("sooner than the baseline" if r["tta_speedup"] >= 1
-               else "the baseline's speed: slower")
-        detail += (f" · {fmt.times(r['tta_speedup'])} {how} "
-                   f"({fmt.seconds(r['baseline_tta'])})")
-    return text, detail
+        how = "sooner" if r["tta_speedup"] >= 1 else "slower"
+        tta_detail += f" · {fmt.times(r['tta_speedup'])} {how}"
+    return final, detail, fmt.seconds(r["time_to_accuracy_s"]), tta_detail
 
 
-def table_rows(table: pd.DataFrame) -> list[dict]:
-    rows = []
-    epoch_unit = fmt.unit_for(table["epoch_time_s"])  # one unit for the whole column
-    for _, r in table.iterrows():
-        eff, eff_detail, eff_class = _efficiency(r)
-        tp_detail = f"p10 {fmt.rate(r['tp_p10'])} – p90 {fmt.rate(r['tp_p90'])}"
-        if r["n_runs"] > 1:
-            tp_detail += (f"; {r['n_runs']} runs {fmt.rate(r['tp_run_min'])}–"
-                          f"{fmt.rate(r['tp_run_max'])} ({fmt.pct(r['tp_run_range'])} "
-                          "apart)")
+def _method_detail(r) -> str:
+    parts = [str(r["lab"])]
+    if precision(r["amp"]) not in str(r["label"]):
+        parts.append(precision(r["amp"]))
+    if r["amp"] == "off" and r["tf32"] is True:
+        parts.append("TF32 on")
+    if not fmt.missing(r["steps_measured"]):
+        parts.append(f"{int(r['steps_measured']):,} steps")
+    if r["n_runs"] > 1:
+        parts.append(f"{r['n_runs']} runs")
+    if r["strategy"] == "ddp" and isinstance(r["backend"], str):
+        parts.append(r["backend"])
+    return " · ".join(parts)
+
+
+def table_rows(rows: pd.DataFrame, unit: str) -> list[dict]:
+    out = []
+    for _, r in rows.iterrows():
         n = int(r["n_devices"])
-        accuracy, accuracy_detail = _accuracy(r)
-        rows.append({
-            "family": _family_title(r),
-            "label": r["label"],
-            "strategy": r["strategy"],
-            "method_detail": f"{r['lab']}" + (f" · {r['n_runs']} runs" if r["n_runs"] > 1
-                                              else "") + (f" · {r['backend']}"
-                                                          if r["strategy"] == "ddp"
-                                                          and r["backend"] else ""),
-            "batch": str(r["global_batch_size"]),
+        eff, eff_detail, eff_class = _efficiency(r)
+        speedup, speedup_detail = _speedup(r, unit)
+        memory, memory_detail = _memory(r)
+        accuracy, accuracy_detail, tta, tta_detail = _accuracy(r)
+        tp_detail = f"p10–p90 {fmt.rate(r['tp_p10'])}–{fmt.rate(r['tp_p90'])}"
+        if r["n_runs"] > 1:
+            tp_detail += (f" · runs {fmt.rate(r['tp_run_min'])}–{fmt.rate(r['tp_run_max'])}")
+        out.append({
+            "label": r["label"], "strategy": r["strategy"], "detail": _method_detail(r),
+            "devices": str(n), "batch": str(r["global_batch_size"]),
             "batch_detail": f"{n} × {r['per_device_batch_size']}" if n > 1 else "",
-            "epoch": fmt.seconds_in(r["epoch_time_s"], epoch_unit),
-            "memory": _memory(r),
-            "throughput": f"{fmt.rate(r['tp_median'])} img/s",
-            "throughput_detail": tp_detail,
-            "efficiency": eff,
-            "efficiency_detail": eff_detail,
-            "efficiency_class": eff_class,
-            "flags": list(r["flags"]),
-            "accuracy": accuracy,
-            "accuracy_detail": accuracy_detail,
+            "throughput": fmt.rate(r["tp_median"]), "throughput_detail": tp_detail,
+            "speedup": speedup, "speedup_detail": speedup_detail,
+            "efficiency": eff, "efficiency_detail": eff_detail, "efficiency_class": eff_class,
+            "memory": memory, "memory_detail": memory_detail,
+            "accuracy": accuracy, "accuracy_detail": accuracy_detail,
+            "tta": tta, "tta_detail": tta_detail,
+            "flagged": bool(r["flags"]),
+            "flag_kinds": ", ".join(dict.fromkeys(flag_kind(f) for f in r["flags"])),
         })
-    return rows
+    return out
 
 
-# --- run details: everything else each configuration recorded --------------------------------
+# --- run details: everything else each configuration recorded ------------------------------
 
 def _per_rank(r) -> list[str]:
-    """One line per rank: its own step-time median and p10–p90."""
     ranks = [d for d in r["rank_detail"] if not fmt.missing(d["median"])]
     if not ranks:
         return ["not recorded"]
@@ -140,14 +139,12 @@ def _communication(r) -> str:
         return "—"
     if fmt.missing(r["compute_median"]) or fmt.missing(r["exposed_comm_s"]):
         return "not measured"
-    noise = " (within noise)" if narrative.within_noise(r) else ""
     return (f"compute-only {fmt.seconds(r['compute_median'])} "
-            f"({fmt.seconds(r['compute_p10'])} – {fmt.seconds(r['compute_p90'])}) · "
-            f"exposed {fmt.seconds(r['exposed_comm_s'])}{noise}")
+            f"({fmt.seconds(r['compute_p10'])} – {fmt.seconds(r['compute_p90'])}); "
+            + narrative.exposed_text(r))
 
 
 def _gpu_activity(r) -> list[str]:
-    """One line per GPU with NVML readings, or one line when every GPU read the same."""
     if r["cpu"]:
         return ["CPU: not applicable"]
     parts, readings = [], []
@@ -167,220 +164,165 @@ def _gpu_activity(r) -> list[str]:
     return parts or ["not recorded (no NVML)"]
 
 
-def detail_rows(table: pd.DataFrame) -> list[dict]:
+def detail_rows(rows: pd.DataFrame) -> list[dict]:
+    epoch_unit = fmt.unit_for(rows["epoch_time_s"])  # one unit for the whole column
     return [{
-        "label": r["label"],
-        "strategy": r["strategy"],
+        "label": r["label"], "strategy": r["strategy"],
+        "epoch": fmt.seconds_in(r["epoch_time_s"], epoch_unit),
         "threads": "not recorded" if fmt.missing(r["threads_per_process"])
         else str(int(r["threads_per_process"])),
         "data_wait": fmt.pct(r["data_wait_fraction"], 1),
-        "per_rank": _per_rank(r),
-        "communication": _communication(r),
-        "host_rss": fmt.gib(r["host_rss"]),
-        "gpu_activity": _gpu_activity(r),
-    } for _, r in table.iterrows()]
+        "per_rank": _per_rank(r), "communication": _communication(r),
+        "host_rss": fmt.gib(r["host_rss"]), "gpu_activity": _gpu_activity(r),
+    } for _, r in rows.iterrows()]
 
 
-def _sections(rows: list[dict]) -> list[dict]:
-    sections: list[dict] = []
-    for row in rows:
-        if not sections or sections[-1]["title"] != row["family"]:
-            sections.append({"title": row["family"], "rows": []})
-        sections[-1]["rows"].append(row)
-    return sections
+def _step01(folder: Folder, record: dict) -> dict:
+    file = folder.file_of(record)
+    return {"file": file, "rows": environment.describe(environment.block(record)),
+            "probes": environment.probe_tables(record, folder.parts_skipped.get(file, ())),
+            "topology": record.get("topology") if isinstance(record.get("topology"), str)
+            else None,
+            "recommendations": environment.texts(record.get("recommendations")),
+            "notes": environment.texts(record.get("notes"))}
 
 
-def build_context(folder: Folder, table: pd.DataFrame, plots: list[Plot],
-                  generated_by: str) -> dict:
-    label_of_file = {}
-    for _, r in table.iterrows():
-        for f in r["files"]:
-            label_of_file[f] = r["label"]
-    runs = []
-    for record in [*folder.runs, *folder.unfinished]:
-        file = folder.file_of(record)
-        runs.append({"file": file, "run_name": str(record.get("run_name")),
-                     "lab": str(record.get("lab")), "status": str(record.get("status")),
-                     "label": label_of_file.get(file, ""),
-                     "started_at": str(record.get("started_at") or ""),
-                     "command": str(record.get("command") or "(not recorded)"),
-                     "notes": environment.texts(record.get("notes"))})
-    runs.sort(key=lambda r: (r["started_at"], r["file"]))
-    env_files = [{"file": folder.file_of(e), "rows": environment.describe(environment.block(e)),
-                  "probes": environment.probe_tables(
-                      e, folder.parts_skipped.get(folder.file_of(e), ())),
-                  "recommendations": environment.texts(e.get("recommendations")),
-                  "notes": environment.texts(e.get("notes"))}
-                 for e in folder.environments]
+def _unfinished(folder: Folder, records) -> list[dict]:
+    return [{"file": folder.file_of(r), "run_name": str(r.get("run_name")),
+             "lab": str(r.get("lab")), "status": str(r.get("status")),
+             "reason": failure_reason(r)} for r in records]
+
+
+# --- the context: what every output format shows ----------------------------------------
+
+def build_context(folder: Folder, table: pd.DataFrame, machine_plots, generated_by: str,
+                  step01_plots=None) -> dict:
+    """``machine_plots(machine) -> list[Plot]``: the figures of one machine's section;
+    ``step01_plots(machine) -> Plot | None``: its step-01 bandwidth figure."""
+    found = machines_mod.group(table, folder.environments, folder.file_of, folder.unfinished)
+    sweeps = allreduce_sweeps(folder.environments, folder.file_of)
+    sections = []
+    for m in found:
+        figures = list(machine_plots(m)) if machine_plots else []
+        bandwidth_plot = step01_plots(m) if step01_plots else None
+        sections.append({
+            "slug": m.slug, "title": m.title, "facts": m.facts, "host": m.host,
+            "step01_files": m.step01_files,
+            "headline": narrative.headline(m),
+            "rows": table_rows(m.rows, m.unit),
+            "cpu": m.cpu,
+            "verdict": narrative.verdict(m),
+            "why": narrative.why(m, sweeps, table),
+            "unreliable": narrative.unreliable(m),
+            "unfinished": _unfinished(folder, m.unfinished),
+            "figures": [f for f in figures if getattr(f, "primary", False) and f.png],
+            "more_figures": [f for f in figures if not getattr(f, "primary", False)],
+            "bandwidth_plot": bandwidth_plot,
+            "details": detail_rows(m.rows),
+            "step01": [_step01(folder, e) for e in m.step01],
+        })
+    described = {id(e) for m in found for e in m.step01}
+    label_of_file = {f: r["label"] for _, r in table.iterrows() for f in r["files"]}
+    runs = sorted(({"file": folder.file_of(rec), "run_name": str(rec.get("run_name")),
+                    "lab": str(rec.get("lab")), "status": str(rec.get("status")),
+                    "label": label_of_file.get(folder.file_of(rec), ""),
+                    "started_at": str(rec.get("started_at") or ""),
+                    "command": str(rec.get("command") or "(not recorded)"),
+                    "notes": environment.texts(rec.get("notes"))}
+                   for rec in [*folder.runs, *folder.unfinished]),
+                  key=lambda r: (r["started_at"], r["file"]))
+    warm = sorted({int(w) for w in table["warmup_steps"].dropna()}) if not table.empty else []
     return {
         "title": TITLE,
         "generator": GENERATOR,  # the mark by which 05 knows its own report
         "generated_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "generated_by": generated_by,
         "results_dir": str(folder.path),
-        "counts": {"runs": len(folder.runs), "unfinished": len(folder.unfinished),
-                   "environments": len(folder.environments), "skipped": len(folder.skipped),
-                   "configs": len(table)},
-        "headline": narrative.headline(table),
-        "verdict": narrative.verdict(table, len(folder.unfinished)),
-        "sections": _sections(table_rows(table)) if not table.empty else [],
-        # the final-accuracy column, when some run evaluated (n/a for the others)
-        "show_accuracy": bool(not table.empty and "eval" in table.columns
-                              and table["eval"].map(bool).any()),
-        "details": detail_rows(table) if not table.empty else [],
-        "plots": plots,
-        "findings": narrative.findings(
-            table, allreduce_sweeps(folder.environments, folder.file_of)),
-        "env_files": env_files,
-        "machines": environment.run_machines([*folder.runs, *folder.unfinished]),
-        "methodology": narrative.methodology(table),
+        "counts": counts(folder, table, len(found)),
+        "machines": sections,
+        "orphan_unfinished": _unfinished(folder, machines_mod.orphans(found, folder.unfinished)),
+        "other_step01": [_step01(folder, e) for e in folder.environments
+                         if id(e) not in described],
         "runs": runs,
-        "unfinished": [{"file": folder.file_of(r), "run_name": str(r.get("run_name")),
-                        "lab": str(r.get("lab")), "status": str(r.get("status")),
-                        "reason": failure_reason(r)} for r in folder.unfinished],
         "skipped": folder.skipped,
+        "limits": {"superlinear": fmt.pct(SUPERLINEAR_LIMIT), "spread": fmt.pct(SPREAD_LIMIT),
+                   "wrapper": fmt.pct(WRAPPER_FASTER_LIMIT - 1),
+                   "noise": fmt.pct(narrative.NOISE_STEP_SHARE),
+                   "gap": f"{100 * narrative.ACCURACY_GAP:g}",
+                   "data_wait": fmt.pct(narrative.DATA_WAIT_LIMIT),
+                   "warmup": "/".join(map(str, warm))},
+        "rerun": RERUN,
     }
 
 
-# --- HTML -----------------------------------------------------------------------------
-
-def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.PackageLoader("labs.report", "templates"),
-        autoescape=True,  # every value from a result file is text, never markup
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True, lstrip_blocks=True,
-    )
+def counts(folder: Folder, table: pd.DataFrame, machines: int) -> dict:
+    """Runs, and what they were run as: configurations are the settings a comparison
+    holds fixed (model, image size, per-device batch, precision, ...), methods the rows."""
+    return {"runs": len(folder.runs), "unfinished": len(folder.unfinished),
+            "skipped": len(folder.skipped), "machines": machines,
+            "rows": len(table),
+            "configurations": int(table["family"].nunique()) if not table.empty else 0}
 
 
-def html(context: dict) -> str:
-    return _environment().get_template("report.html.j2").render(**context)
+# --- rendering ------------------------------------------------------------------------
+
+class Raw(str):
+    """Markdown the template builds itself (a code fence): not escaped again."""
 
 
-# --- Markdown ---------------------------------------------------------------------------
-
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]{}#|!~])")
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]{}#|!~<>])")
 
 
 def md(value) -> str:
-    """Markdown text for any value: HTML special characters become entities and Markdown
-    syntax is backslash-escaped, so a run name cannot become markup."""
+    """Markdown text for any value: HTML and Markdown syntax is backslash-escaped, so a
+    run name cannot become markup."""
+    if isinstance(value, Raw):
+        return value
     text = " ".join(str(value).split())
-    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return _MD_SPECIAL.sub(r"\\\1", text)
+    return _MD_SPECIAL.sub(r"\\\1", text.replace("&", "&amp;"))
 
 
-def _md_code(text: str) -> list[str]:
+def _fence(text) -> Raw:
     fence = "~~~"
-    while fence in text:
+    while fence in str(text):
         fence += "~"
-    return [fence + "sh", text, fence]
+    return Raw(f"{fence}sh\n{text}\n{fence}")
 
 
-def _md_table(header: list[str], rows: list[list]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(md(c) for c in row) + " |" for row in rows]
-    return lines
+def _environment(markdown: bool) -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("labs.report", "templates"),
+        autoescape=not markdown,  # HTML: every value from a result file is text
+        finalize=md if markdown else None,  # Markdown: the same, by escaping
+        undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    if markdown:
+        env.globals["code"] = lambda text: Raw("`" + str(text).replace("`", "'") + "`")
+        env.filters["fence"] = _fence
+    else:
+        env.globals["code"] = lambda text: Markup("<code>{}</code>").format(text)
+    return env
 
 
-def _md_probe(probe: dict) -> list[str]:
-    out = [f"**{md(probe['title'])}**" + (f": {md(probe['missing'])}" if probe["missing"]
-                                           else ""), ""]
-    out += [md(line) + "  " for line in probe["lines"]]
-    if probe["rows"]:
-        out += [""] + _md_table([text for text, _ in probe["header"]], probe["rows"])
-    return out + [""]
+def _paragraphs(env: jinja2.Environment, name: str, context: dict, markdown: bool) -> list:
+    """A template of fixed prose (blank-line separated paragraphs) as a list."""
+    text = env.get_template(name).render(**context)
+    parts = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text) if p.strip()]
+    return [Raw(p) for p in parts] if markdown else [Markup(p) for p in parts]
 
 
-def _md_efficiency(row: dict) -> str:
-    text = row["efficiency"] + (f" ({row['efficiency_detail']})"
-                                if row["efficiency_detail"] else "")
-    if row["flags"]:
-        text += " — unreliable: " + "; ".join(row["flags"])
-    return text
+def html(context: dict) -> str:
+    env = _environment(markdown=False)
+    methodology = _paragraphs(env, "methodology.j2", context, markdown=False)
+    return env.get_template("report.html.j2").render(**context, methodology=methodology)
 
 
 def markdown(context: dict, png_names: dict[str, str] | None) -> str:
-    c = context
-    out = [MARKDOWN_MARK,  # the mark by which 05 knows its own report (hidden when shown)
-           f"# {md(c['title'])}", "",
-           f"Generated {md(c['generated_at'])} from `{md(c['results_dir'])}`: "
-           f"{c['counts']['runs']} completed runs, {c['counts']['unfinished']} unfinished, "
-           f"{c['counts']['skipped']} files skipped.", ""]
-    for sentence in c["headline"]:
-        out += [f"**Headline.** {md(sentence)}", ""]
-    out += ["## Verdict", ""]
-    out += [f"- {md(s)}" for s in c["verdict"]] + [""]
-    out += ["## Results", ""]
-    for section in c["sections"]:
-        out += [f"**{md(section['title'])}**", ""]
-        accuracy = c["show_accuracy"]
-        out += _md_table(["method", "total batch", "time/epoch", "GPU memory", "throughput"]
-                         + (["final accuracy"] if accuracy else []) + ["scaling efficiency"],
-                         [[r["label"], r["batch"], r["epoch"], r["memory"],
-                           f"{r['throughput']} ({r['throughput_detail']})"]
-                          + ([f"{r['accuracy']} ({r['accuracy_detail']})"] if accuracy
-                             else []) + [_md_efficiency(r)]
-                          for r in section["rows"]]) + [""]
-    if c["details"]:
-        out += ["### Run details", ""]
-        out += _md_table(["method", "threads/process", "data wait",
-                          "step time per rank: median (p10 – p90)",
-                          "compute-only step: median (p10 – p90) · exposed comm",
-                          "host peak RSS",
-                          "GPU utilisation · power"],
-                         [[d["label"], d["threads"], d["data_wait"], "; ".join(d["per_rank"]),
-                           d["communication"], d["host_rss"], "; ".join(d["gpu_activity"])]
-                          for d in c["details"]]) + [""]
-    if c["unfinished"]:
-        out += ["## Runs that did not finish", ""]
-        out += _md_table(["run", "step", "status", "reason", "file"],
-                         [[u["run_name"], u["lab"], u["status"], u["reason"], u["file"]]
-                          for u in c["unfinished"]]) + [""]
-    out += ["## Plots", ""]
-    for plot in c["plots"]:
-        out += [f"### {md(plot.title)}", ""]
-        if plot.png is None:
-            out += [md(plot.reason), ""]
-        elif png_names and plot.key in png_names:
-            out += [f"![{md(plot.title)}]({png_names[plot.key]})", "", md(plot.caption), ""]
-        else:
-            out += ["(Run with --generate-plots to save this figure beside the report.) "
-                    + md(plot.caption), ""]
-    out += ["## What this shows", ""]
-    for finding in c["findings"]:
-        out += [f"### {md(finding['title'])}", ""]
-        for paragraph in finding["paragraphs"]:
-            out += [md(paragraph), ""]
-    out += ["## Environment", ""]
-    for env in c["env_files"]:
-        out += [f"From `{md(env['file'])}` (step 01):", ""]
-        out += _md_table(["", ""], [list(row) for row in env["rows"]]) + [""]
-        for probe in env["probes"]:
-            out += _md_probe(probe)
-        out += [f"- {md(n)}" for n in env["recommendations"] + env["notes"]] + [""]
-    if c["machines"]:
-        out += ["Machines named in the run files:", ""]
-        out += _md_table(["host", "GPUs", "PyTorch", "CUDA", "driver", "runs"],
-                         [[m["host"], m["gpus"], m["torch"], m["cuda"], m["driver"],
-                           m["runs"]] for m in c["machines"]]) + [""]
-    out += ["## Methodology", ""] + [f"- {md(s)}" for s in c["methodology"]] + [""]
-    out += ["## Commands that reproduce each run", ""]
-    for run in c["runs"]:
-        out += [f"**{md(run['run_name'])}** ({md(run['lab'])}, {md(run['status'])}, "
-                f"`{md(run['file'])}`)", ""] + _md_code(run["command"]) + [""]
-    out += ["## Skipped files", ""]
-    out += ([f"- `{md(name)}`: {md(reason)}" for name, reason in c["skipped"]]
-            or ["None: every file was read."]) + [""]
-    out += ["## Notes from the runs", ""]
-    noted = [r for r in c["runs"] if r["notes"]]
-    for run in noted:
-        out += [f"- **{md(run['run_name'])}** (`{md(run['file'])}`):"]
-        out += [f"  - {md(n)}" for n in run["notes"]]
-    if not noted:
-        out.append("No run recorded a note.")
-    out += ["", f"Generated by `{md(c['generated_by'])}`.", ""]
-    return "\n".join(out)
+    env = _environment(markdown=True)
+    methodology = _paragraphs(env, "methodology.j2", context, markdown=True)
+    return env.get_template("report.md.j2").render(
+        **context, methodology=methodology,
+        png_names={key: Raw(name) for key, name in (png_names or {}).items()},
+        mark=Raw(MARKDOWN_MARK))
 
 
 # --- CSV ------------------------------------------------------------------------------
@@ -392,13 +334,14 @@ CSV_COLUMNS = {
     "mem_max": "gpu_mem_peak_max_bytes", "mem_min": "gpu_mem_peak_min_bytes",
     "tp_median": "throughput_img_s_median", "tp_p10": "throughput_img_s_p10",
     "tp_p90": "throughput_img_s_p90", "baseline_tp": "baseline_img_s",
-    "speedup": "speedup", "efficiency": "scaling_efficiency",
+    "speedup": "speedup", "efficiency": "scaling_efficiency", "scaling_mode": "scaling",
     "efficiency_note": "efficiency_note", "n_runs": "runs",
     "tp_run_min": "throughput_run_min", "tp_run_max": "throughput_run_max",
-    "step_median": "step_time_s_median", "data_wait_fraction": "data_wait_fraction",
-    "model": "model", "img_size": "img_size", "amp": "amp",
+    "step_median": "step_time_s_median", "steps_measured": "steps_measured",
+    "data_wait_fraction": "data_wait_fraction",
+    "model": "model", "img_size": "img_size", "amp": "amp", "tf32": "tf32",
     "channels_last": "channels_last", "compile": "compile", "data": "data",
-    "hardware": "hardware", "backend": "backend", "hosts": "hosts",
+    "host": "host", "hardware": "hardware", "backend": "backend", "hosts": "hosts",
     "threads_per_process": "threads_per_process", "gradient_bytes": "gradient_bytes",
     "compute_median": "compute_only_step_time_s_median",
     "exposed_comm_s": "exposed_comm_s", "host_rss": "host_peak_rss_bytes",
