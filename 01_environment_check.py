@@ -52,7 +52,7 @@ if __name__ == "__main__":
 # Only now the heavy imports: torch takes seconds to load, and --help needs none of it.
 import torch  # noqa: E402
 
-from labs import contract, envinfo, files, probes, results  # noqa: E402
+from labs import contract, envinfo, files, launcher_env, probes  # noqa: E402
 
 
 def say(text: str) -> None:
@@ -102,7 +102,7 @@ def main() -> None:
         "schema_version": contract.SCHEMA_VERSION,
         "kind": "environment",
         "written_at": None,
-        "command": cli.command_line(),
+        "command": launcher_env.command_line(),
         "environment": environment,
         "gpus": probes.gpu_inventory(environment["gpus"]),
         "topology": probes.nvidia_topology(notes),
@@ -117,7 +117,7 @@ def main() -> None:
     record["recommendations"] = probes.recommendations(record)
 
     record["written_at"] = contract.utc_now()
-    path = results.write_json_atomic(record, args.results_dir / "environment.json",
+    path = files.write_json_atomic(record, args.results_dir / "environment.json",
                                      overwrite=True)
     print(probes.format_summary(record, path), flush=True)
 

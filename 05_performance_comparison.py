@@ -24,7 +24,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from labs import cli, files
+from labs import cli, files, launcher_env
 
 FORMATS = ("html", "md")
 
@@ -89,7 +89,7 @@ def main(argv=None) -> None:
         return drawn
 
     # 4. Render: the same context becomes HTML (autoescaped) or Markdown.
-    context = render.build_context(folder, table, machine_figures, cli.command_line(),
+    context = render.build_context(folder, table, machine_figures, launcher_env.command_line(),
                                    bandwidth_figure)
     to_save = [f for f in figures if args.generate_plots and f.png is not None]
     if args.format == "html":

@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shlex
 import sys
 from pathlib import Path
 from typing import Callable
 
 from labs.contract import LAB_NAMES
 from labs.errors import UsageError
+from labs.launcher_env import env_int
 
 AMP_CHOICES = ("auto", "off", "fp16", "bf16")
 DATA_CHOICES = ("synthetic", "fake", "imagefolder", "cifar10", "shapes")
@@ -327,9 +327,7 @@ def parse_args(lab: str, description: str | None = None, argv: list[str] | None 
 
     models.check_model_name(args.model)
     if args.lab == "04_ddp":
-        from labs import distributed
-
-        distributed.check_launch(args)
+        check_launch(args)
     return args
 
 
@@ -359,58 +357,54 @@ def check_values(args: argparse.Namespace) -> None:
                          "(DDP's static graph does not support no_sync); drop one of them")
 
 
+def check_backend(requested: str, device: str, local_world_size: int) -> None:
+    """Refuse, before any work, the combinations that cannot run."""
+    import torch.distributed as dist
+
+    from labs import envinfo
+
+    wants_cpu = device == "cpu" or envinfo.gpu_count() == 0
+    if requested == "nccl" and wants_cpu:
+        raise UsageError("--backend nccl needs CUDA GPUs; on the CPU use --backend gloo "
+                         "(or auto)")
+    if requested in ("nccl", "auto") and not wants_cpu and local_world_size > envinfo.gpu_count():
+        raise UsageError(
+            f"{local_world_size} ranks on this node but {envinfo.gpu_count()} GPU(s): NCCL cannot "
+            f"put two ranks on one GPU. Use at most {envinfo.gpu_count()} process(es) per node, "
+            f"or --backend gloo to rehearse the multi-rank code path on shared GPUs "
+            f"(correct but slow), or --device cpu")
+    if requested == "gloo" and not dist.is_gloo_available():
+        raise UsageError("--backend gloo: this PyTorch build has no gloo")
+    if requested == "nccl" and not dist.is_nccl_available():
+        raise UsageError("--backend nccl: this PyTorch build has no NCCL; use gloo")
+
+
+def check_launch(args) -> None:
+    """Refuse, before any rank starts, the launches that cannot work (cli.parse_args calls
+    it for 04: in the parent for --nproc, in every rank under torchrun)."""
+    from labs import envinfo
+
+    started_by_torchrun = (os.environ.get("LOCAL_RANK") is not None
+                           and os.environ.get("LAB_LAUNCHER") != "spawn")
+    if args.nproc and started_by_torchrun:
+        raise UsageError("--nproc starts its own processes; do not combine it with torchrun")
+    if args.device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device {args.device}: 04 takes auto, cpu or cuda (each rank "
+                         f"picks its GPU from its local rank)")
+    if args.device == "cuda" and envinfo.gpu_count() == 0:
+        raise UsageError("--device cuda: no CUDA GPU is visible on this machine")
+    local_world_size = args.nproc or env_int("LOCAL_WORLD_SIZE", default=1, minimum=1)
+    check_backend(args.backend, args.device, local_world_size)
+    if args.sync_bn and (args.device == "cpu" or envinfo.gpu_count() == 0):
+        raise UsageError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU kernel); "
+                         "drop it on the CPU")
+
+
 def check_early(parse: Callable[[], object]) -> None:
     """Parse the command line before the heavy imports: ``--help``, and every mistake
     ``parse`` finds without torch, are answered in a fraction of a second instead of after
     the seconds torch takes to load. Bad input: one line, exit status 2 (as ``run``)."""
     run(parse)
-
-
-# Set by 04's --nproc launcher for its ranks: the user's command, for their result.
-LAUNCH_COMMAND = "LAB_LAUNCH_COMMAND"
-
-# Variables that shape a run (threads per process on the CPU; which GPUs are visible),
-# written before the command when set, so that copying the line reproduces the run.
-RUN_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
-
-
-def env_prefix(torchrun_ranks: int = 1) -> list[str]:
-    """``NAME=value`` for each of RUN_ENV_VARS set in this process's environment (the lab
-    never changes them in its own process), shell-quoted.
-
-    Under torchrun with several ranks per node, torchrun itself sets OMP_NUM_THREADS=1
-    when the user did not: a rank cannot tell that from a user's own
-    ``OMP_NUM_THREADS=1``, so it is left out (torchrun sets it again on a rerun). Any
-    other value is the user's."""
-    words = []
-    for name in RUN_ENV_VARS:
-        value = os.environ.get(name)
-        if value is None:
-            continue
-        if name == "OMP_NUM_THREADS" and torchrun_ranks > 1 and value.strip() == "1":
-            continue
-        words.append(f"{name}={shlex.quote(value)}")
-    return words
-
-
-def command_line() -> str:
-    """The command that reproduces this run, with the launcher when we can tell and the
-    environment variables that shaped it (``OMP_NUM_THREADS=1 python 02_... --preset
-    smoke``)."""
-    if os.environ.get(LAUNCH_COMMAND):  # a rank of --nproc: its argv is `python -c`
-        return os.environ[LAUNCH_COMMAND]  # the launcher's line, its environment included
-    argv = list(getattr(sys, "orig_argv", sys.argv))
-    script_args = sys.argv
-    if os.environ.get("TORCHELASTIC_RUN_ID") is not None:  # started by torchrun
-        nnodes = os.environ.get("GROUP_WORLD_SIZE", "1")
-        nproc = os.environ.get("LOCAL_WORLD_SIZE", "1")
-        launcher = ["torchrun", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}"]
-        ranks = int(nproc) if nproc.isdigit() else 2  # unknown: assume torchrun set OMP
-        return " ".join(env_prefix(torchrun_ranks=ranks) + [
-            shlex.join(launcher + [Path(script_args[0]).name] + script_args[1:])])
-    if argv and Path(argv[0]).name.startswith("python"):
-        argv[0] = "python"
-    return " ".join(env_prefix() + [shlex.join(argv)])
 
 
 def run(main) -> None:

@@ -20,6 +20,16 @@ from pathlib import Path
 
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "oom", "interrupted", "failed")
+
+
+@dataclass
+class Outcome:
+    """How a run ended: one of STATUSES, the process's exit code, and why."""
+    status: str
+    exit_code: int
+    reason: str | None
+
+
 LAB_NAMES = ("02_baseline", "03_dataparallel", "04_ddp")
 STRATEGIES = ("single", "dp", "ddp")
 MAX_RESULT_BYTES = 20 * 1024 * 1024  # a larger file is not one of ours; never parse it

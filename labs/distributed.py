@@ -26,45 +26,10 @@ import torch.distributed as dist
 
 from labs import envinfo, files
 from labs.compat import OutOfMemoryError
+from labs.contract import Outcome
 from labs.errors import UsageError
-from labs.launch import Ranks, env_int
-
-
-def check_backend(requested: str, device: str, local_world_size: int) -> None:
-    """Refuse, before any work, the combinations that cannot run."""
-    wants_cpu = device == "cpu" or envinfo.gpu_count() == 0
-    if requested == "nccl" and wants_cpu:
-        raise UsageError("--backend nccl needs CUDA GPUs; on the CPU use --backend gloo "
-                         "(or auto)")
-    if requested in ("nccl", "auto") and not wants_cpu and local_world_size > envinfo.gpu_count():
-        raise UsageError(
-            f"{local_world_size} ranks on this node but {envinfo.gpu_count()} GPU(s): NCCL cannot "
-            f"put two ranks on one GPU. Use at most {envinfo.gpu_count()} process(es) per node, "
-            f"or --backend gloo to rehearse the multi-rank code path on shared GPUs "
-            f"(correct but slow), or --device cpu")
-    if requested == "gloo" and not dist.is_gloo_available():
-        raise UsageError("--backend gloo: this PyTorch build has no gloo")
-    if requested == "nccl" and not dist.is_nccl_available():
-        raise UsageError("--backend nccl: this PyTorch build has no NCCL; use gloo")
-
-
-def check_launch(args) -> None:
-    """Refuse, before any rank starts, the launches that cannot work (cli.parse_args calls
-    it for 04: in the parent for --nproc, in every rank under torchrun)."""
-    started_by_torchrun = (os.environ.get("LOCAL_RANK") is not None
-                           and os.environ.get("LAB_LAUNCHER") != "spawn")
-    if args.nproc and started_by_torchrun:
-        raise UsageError("--nproc starts its own processes; do not combine it with torchrun")
-    if args.device not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"--device {args.device}: 04 takes auto, cpu or cuda (each rank "
-                         f"picks its GPU from its local rank)")
-    if args.device == "cuda" and envinfo.gpu_count() == 0:
-        raise UsageError("--device cuda: no CUDA GPU is visible on this machine")
-    local_world_size = args.nproc or env_int("LOCAL_WORLD_SIZE", default=1, minimum=1)
-    check_backend(args.backend, args.device, local_world_size)
-    if args.sync_bn and (args.device == "cpu" or envinfo.gpu_count() == 0):
-        raise UsageError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU kernel); "
-                         "drop it on the CPU")
+from labs.launcher_env import Ranks
+from labs.train import gradient_bytes
 
 
 def select_device(ranks: Ranks, requested: str) -> torch.device:
@@ -141,7 +106,7 @@ class PeerReports:
         return dist.distributed_c10d._get_default_store()
 
     def tell(self, outcome) -> None:
-        """Leave this rank's outcome (a results.Outcome) for rank 0."""
+        """Leave this rank's outcome (a contract.Outcome) for rank 0."""
         if not dist.is_initialized():
             return
         try:
@@ -153,9 +118,7 @@ class PeerReports:
             pass
 
     def first_failure(self):
-        """(rank, results.Outcome) of the first other rank that reported, or None."""
-        from labs.results import Outcome
-
+        """(rank, contract.Outcome) of the first other rank that reported, or None."""
         if self.world_size < 2 or not dist.is_initialized():
             return None
         try:
@@ -376,8 +339,6 @@ def _unpickling_detail(err: Exception) -> str:
 
 def ddp_config(args, backend: str, model) -> dict:
     """The DDP options of this run, for the result's config block."""
-    from labs.train import gradient_bytes
-
     return {
         "backend": backend,
         "gradient_bytes": gradient_bytes(model),  # all-reduced every step (before any hook)

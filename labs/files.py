@@ -10,6 +10,7 @@ target.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -119,3 +120,10 @@ def prepare_dir(folder: Path) -> Path:
     if reason is not None:
         raise UsageError(f"cannot write results to {folder}: {reason}")
     return folder
+
+
+def write_json_atomic(data: dict, path: Path, *, overwrite: bool) -> Path:
+    """``data`` as indented JSON, through write_atomic (readers never see half a
+    file). NaN is refused: pass the record through ``_json_safe`` first."""
+    text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False, default=str)
+    return write_atomic(path, text + "\n", overwrite=overwrite)

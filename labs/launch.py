@@ -14,11 +14,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -29,91 +27,9 @@ import torch.multiprocessing as mp
 from labs import cli
 from labs.compat import DistNetworkError
 from labs.errors import UsageError
-
-
-@dataclass
-class Ranks:
-    rank: int
-    local_rank: int
-    world_size: int
-    local_world_size: int
-    nnodes: int
-    restart_count: int
-    launcher: str  # "torchrun", "spawn", "single" or "env"
-
-
-def ranks_from_env(legacy_local_rank: int | None = None) -> Ranks:
-    """Who this process is, from the variables torchrun (or ``--nproc``) sets, checked:
-    a value that is not a number, a rank outside the world or an address that does not
-    resolve is one line and exit status 2 now, not a traceback after the process-group
-    timeout.
-
-    Started with plain ``python`` and no ``--nproc``, the process is a world of one: the
-    rendezvous variables are filled in so init_process_group still works.
-    """
-    env = os.environ
-    if "RANK" not in env:
-        env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(free_port()))
-        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        launcher = "single"
-    else:
-        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else env.get("LAB_LAUNCHER",
-                                                                            "env")
-    world_size = env_int("WORLD_SIZE", minimum=1)
-    rank = env_int("RANK", minimum=0)
-    if rank >= world_size:
-        raise UsageError(f"RANK={rank} is outside the world: WORLD_SIZE={world_size} "
-                         f"means ranks 0 to {world_size - 1}")
-    local_world_size = env_int("LOCAL_WORLD_SIZE", default=world_size, minimum=1)
-    local_rank = env_int("LOCAL_RANK", default=legacy_local_rank or 0, minimum=0)
-    if local_rank >= local_world_size:
-        raise UsageError(f"LOCAL_RANK={local_rank} is outside this node's "
-                         f"LOCAL_WORLD_SIZE={local_world_size}")
-    check_master_address()
-    nnodes = env_int("GROUP_WORLD_SIZE", default=max(1, world_size // local_world_size),
-                     minimum=1)
-    return Ranks(rank=rank, local_rank=local_rank, world_size=world_size,
-                 local_world_size=local_world_size, nnodes=nnodes,
-                 restart_count=env_int("TORCHELASTIC_RESTART_COUNT", default=0, minimum=0),
-                 launcher=launcher)
-
-
-def env_int(name: str, default: int | None = None, minimum: int = 0) -> int:
-    """An integer environment variable of the launch, or a usage error naming it."""
-    text = os.environ.get(name)
-    if text is None or text.strip() == "":
-        if default is None:
-            raise UsageError(f"{name} is not set; start 04 with torchrun, with --nproc N, "
-                             f"or with plain python for one process")
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise UsageError(f"{name}={text!r} is not an integer") from None
-    if value < minimum:
-        raise UsageError(f"{name}={value} must be at least {minimum}")
-    return value
-
-
-def check_master_address() -> None:
-    """MASTER_ADDR must resolve and MASTER_PORT be a TCP port (when they are set)."""
-    port_text = os.environ.get("MASTER_PORT")
-    if port_text is not None:
-        try:
-            port = int(port_text)
-        except ValueError:
-            port = -1
-        if not 1 <= port <= 65535:
-            raise UsageError(f"MASTER_PORT={port_text!r} is not a TCP port (1 to 65535)")
-    address = os.environ.get("MASTER_ADDR")
-    if address is not None:
-        try:
-            socket.getaddrinfo(address, None)
-        except (socket.gaierror, UnicodeError) as err:
-            raise UsageError(f"MASTER_ADDR={address!r} does not resolve ({err}): give the "
-                             f"address of the node that runs rank 0, or use torchrun "
-                             f"--standalone on one machine") from None
+from labs.launcher_env import (LAUNCH_COMMAND, Ranks, check_master_address, command_line,
+                               free_port)
+from labs.launcher_env import ranks_from_env  # noqa: F401 - 04 calls launch.ranks_from_env
 
 
 def rendezvous(ranks: Ranks, device: torch.device, backend: str, timeout) -> dict:
@@ -136,12 +52,6 @@ def rendezvous(ranks: Ranks, device: torch.device, backend: str, timeout) -> dic
                           ranks.world_size, is_master=ranks.rank == 0 and not agent_hosts_store,
                           timeout=timeout)
     return {**extra, "store": dist.PrefixStore(f"lab/attempt{ranks.restart_count}", store)}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def threads_per_rank(nproc: int) -> int:
@@ -196,7 +106,7 @@ def _spawn(main: Callable[[], None], nproc: int) -> None:
     thread state is inherited; it is also what works from a notebook or on macOS. Each
     rank parses the same command line again (spawn restores sys.argv).
     """
-    os.environ.setdefault(cli.LAUNCH_COMMAND, cli.command_line())  # ranks see `python -c`
+    os.environ.setdefault(LAUNCH_COMMAND, command_line())  # ranks see `python -c`
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     # torch logs each rank it stops; the line below says so once, in the lab's words.
@@ -242,18 +152,6 @@ def how_it_ended(exit_code: int) -> str:
         return ("was killed by SIGKILL (sent by a user or a scheduler, or by the kernel's "
                 "OOM killer when host memory runs out: see `dmesg`)")
     return f"was killed by {name}"
-
-
-def launcher_gone() -> str | None:
-    """Why this rank is being stopped, when the reason is that the --nproc launcher died:
-    its ranks then get SIGINT from the kernel (PR_SET_PDEATHSIG), which is no Ctrl-C."""
-    launcher = os.environ.get("LAB_LAUNCHER_PID")
-    if os.environ.get("LAB_LAUNCHER") != "spawn" or not launcher:
-        return None
-    if os.getppid() == int(launcher):
-        return None
-    return (f"the --nproc launcher (pid {launcher}) died before the run ended (killed, "
-            f"perhaps by SIGKILL or the OOM killer), so its ranks were stopped")
 
 
 def _rank(local_rank: int, main: Callable[[], None], nproc: int, threads: int,

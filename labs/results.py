@@ -17,30 +17,22 @@ import signal
 import sys
 import tempfile
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from labs import envinfo, files, launch, train
-from labs.cli import command_line
+from labs import envinfo, files, train
 from labs.compat import OutOfMemoryError
 from labs.contract import (  # noqa: F401 - re-exported for the steps and older callers
-    LAB_NAMES, MAX_RESULT_BYTES, SCHEMA_VERSION, STATUSES, STRATEGIES, Loaded, load_result,
-    utc_now, validate_run)
+    LAB_NAMES, MAX_RESULT_BYTES, SCHEMA_VERSION, STATUSES, STRATEGIES, Loaded, Outcome,
+    load_result, utc_now, validate_run)
 from labs.errors import UsageError
+from labs.launcher_env import command_line, launcher_gone
 from labs.files import prepare_dir  # noqa: F401 - re-exported: steps 02-04 call it here
 
 if TYPE_CHECKING:
     from labs.distributed import PeerReports
-
-
-def write_json_atomic(data: dict, path: Path, *, overwrite: bool) -> Path:
-    """``data`` as indented JSON, through files.write_atomic (readers never see half a
-    file). NaN is refused: pass the record through ``_json_safe`` first."""
-    text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False, default=str)
-    return files.write_atomic(path, text + "\n", overwrite=overwrite)
 
 
 def _json_safe(value):
@@ -75,13 +67,6 @@ def _shared_run_id() -> str:
 
 class Interrupted(Exception):
     """SIGTERM, turned into an exception so the guard can write what was measured."""
-
-
-@dataclass
-class Outcome:
-    status: str
-    exit_code: int
-    reason: str | None
 
 
 class Run:
@@ -139,7 +124,7 @@ class Run:
             self._fail(meter, peers, Outcome("oom", 3, f"{reason}. ({first_line})"))
         except (KeyboardInterrupt, Interrupted) as err:
             code = 143 if isinstance(err, Interrupted) else 130
-            orphaned = launch.launcher_gone()
+            orphaned = launcher_gone()
             self._fail(meter, peers, Outcome("failed", code, orphaned) if orphaned else
                        Outcome("interrupted", code, str(err) or "Ctrl-C"))
         except Exception as err:
@@ -208,7 +193,7 @@ class Run:
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         name = f"{self.lab}_{_safe_name(self.run_name)}_{stamp}_{self.run_id}.json"
         try:
-            self.path = write_json_atomic(_json_safe(self.record), self.results_dir / name,
+            self.path = files.write_json_atomic(_json_safe(self.record), self.results_dir / name,
                                           overwrite=False)
         except OSError as err:  # the disk filled up or turned read-only during the run
             self.path = self._save_elsewhere(name, err)

@@ -15,7 +15,7 @@ from unittest import mock
 
 import pytest
 
-from labs.launch import free_port
+from labs.launcher_env import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, lab_env, result_files, run_script
-from labs import cli
+from labs import launcher_env
 
 # A hang guard, not a speed bound: each step takes seconds on a quiet 2-core machine.
 STEP_TIMEOUT_S = 300
@@ -111,7 +111,7 @@ def test_under_torchrun_omp_is_recorded_only_when_torchrun_cannot_have_set_it(
         monkeypatch, omp, kept):
     """torchrun sets OMP_NUM_THREADS=1 for its ranks when the user did not: a rank cannot
     tell that 1 from the user's own, and leaves it out; any other value is the user's."""
-    monkeypatch.delenv(cli.LAUNCH_COMMAND, raising=False)
+    monkeypatch.delenv(launcher_env.LAUNCH_COMMAND, raising=False)
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
@@ -121,7 +121,7 @@ def test_under_torchrun_omp_is_recorded_only_when_torchrun_cannot_have_set_it(
     monkeypatch.setattr(sys, "argv", [str(REPO / "04_ddp_training.py"), "--epochs", "1"])
     line = "torchrun --nnodes=1 --nproc_per_node={} 04_ddp_training.py --epochs 1"
     expected = (f"OMP_NUM_THREADS={omp} " if kept else "") + "CUDA_VISIBLE_DEVICES=2,3 "
-    assert cli.command_line() == expected + line.format(2)
+    assert launcher_env.command_line() == expected + line.format(2)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one rank per node: torchrun set nothing
-    assert cli.command_line() == (f"OMP_NUM_THREADS={omp} CUDA_VISIBLE_DEVICES=2,3 "
+    assert launcher_env.command_line() == (f"OMP_NUM_THREADS={omp} CUDA_VISIBLE_DEVICES=2,3 "
                                   + line.format(1))

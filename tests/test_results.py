@@ -17,7 +17,8 @@ from labs import cli, envinfo, results
 from labs.compat import OutOfMemoryError
 from labs.errors import UsageError
 from labs.measure import Meter
-from labs.results import MAX_RESULT_BYTES, SCHEMA_VERSION, load_result, write_json_atomic
+from labs.files import write_json_atomic
+from labs.results import MAX_RESULT_BYTES, SCHEMA_VERSION, load_result
 
 CPU = torch.device("cpu")
 BATCH = 24  # distinctive, so a message that names it can be recognised

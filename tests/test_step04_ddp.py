@@ -13,7 +13,7 @@ import torch
 
 from conftest import (lab_env, read_single_result, result_files, run_in_process, run_script,
                       torchrun)
-from labs import distributed, envinfo, launch
+from labs import cli, envinfo, launcher_env
 from labs.errors import UsageError
 from labs.results import load_result
 
@@ -144,7 +144,7 @@ def test_no_comm_probe_skips_the_compute_only_phase(one_process_run):
 
 def test_two_nodes_on_localhost(results_dir):
     """Two torchrun agents, one per "node", meeting at a c10d rendezvous on localhost."""
-    port = launch.free_port()
+    port = launcher_env.free_port()
     common = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
               f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=labtest"]
     cmd = [*torchrun(*common), "04_ddp_training.py", *SMOKE, "--results-dir",
@@ -204,9 +204,9 @@ def test_more_ranks_than_gpus_is_refused_for_nccl(monkeypatch):
     monkeypatch.setattr(envinfo, "gpu_count", lambda: 1)
     for backend in ("nccl", "auto"):
         with pytest.raises(UsageError, match="NCCL cannot put two ranks on one GPU"):
-            distributed.check_backend(backend, "auto", local_world_size=2)
-    distributed.check_backend("gloo", "auto", local_world_size=2)  # the rehearsal is allowed
-    distributed.check_backend("nccl", "auto", local_world_size=1)
+            cli.check_backend(backend, "auto", local_world_size=2)
+    cli.check_backend("gloo", "auto", local_world_size=2)  # the rehearsal is allowed
+    cli.check_backend("nccl", "auto", local_world_size=1)
 
 
 def test_ddp_options_are_recorded(nproc_options_run):
