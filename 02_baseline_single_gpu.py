@@ -62,7 +62,8 @@ def main() -> None:
                           args, per_device_batch_size=args.batch_size,
                           global_batch_size=samples_per_step,
                           steps_per_epoch=steps, amp=amp, lr=lr, num_workers=num_workers,
-                          train_set=data.describe(dataset)))
+                          train_set=data.describe(dataset),
+                          augmentation_seed=data.augmentation_seed(dataset, args.seed)))
 
     with run.guard(meter):  # OOM, Ctrl-C or a crash still writes a result with its status
         for epoch in range(args.epochs):

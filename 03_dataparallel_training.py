@@ -74,7 +74,8 @@ def main() -> None:
                           global_batch_size=samples_per_step,
                           gpus=gpu_ids,  # DP: which GPUs shared each batch
                           steps_per_epoch=steps, amp=amp, lr=lr, num_workers=num_workers,
-                          train_set=data.describe(dataset)))
+                          train_set=data.describe(dataset),
+                          augmentation_seed=data.augmentation_seed(dataset, args.seed)))
     run.note(*dp.notes(args.batch_size, gpu_ids))  # DP: one device, or an uneven split
 
     with run.guard(meter):  # OOM, Ctrl-C or a crash still writes a result with its status

@@ -52,7 +52,8 @@ def main() -> None:
     sampler = DistributedSampler(dataset, shuffle=True, seed=args.seed,  # DDP: each rank
                                  drop_last=True)  # DDP: its own 1/N of every epoch
     num_workers = data.default_num_workers(args, ranks.local_world_size)  # DDP: cores/rank
-    loader = data.build_loader(dataset, args, sampler, device, args.batch_size, num_workers)
+    loader = data.build_loader(dataset, args, sampler, device,  # DDP: random crops seeded
+                               args.batch_size, num_workers, rank=ranks.rank)  # DDP: per rank
     val_loader = data.build_val_loader(args, device, num_workers,  # DDP: this rank's share
                                        shard=(ranks.rank, ranks.world_size))  # DDP: no repeats
     steps = train.steps_per_epoch(len(loader), args.grad_accum_steps, args.steps_per_epoch)
@@ -90,7 +91,8 @@ def main() -> None:
                           global_batch_size=samples_per_step * ranks.world_size,  # DDP:
                           **distributed.ddp_config(args, backend, raw_model),  # DDP: options
                           steps_per_epoch=steps, amp=amp, lr=lr, num_workers=num_workers,
-                          train_set=data.describe(dataset)))
+                          train_set=data.describe(dataset),
+                          augmentation_seed=data.augmentation_seed(dataset, args.seed)))
     run.note(*distributed.launch_notes(run.record["world"], device))  # DDP: how it ran
 
     with run.guard(meter, distributed.PeerReports(ranks.rank, ranks.world_size)):  # DDP:

@@ -1,5 +1,7 @@
 """Where the images come from. Every source is a map-style Dataset, so the scripts pick
 the sampler (RandomSampler in 02, DistributedSampler in 04) and the loader is the same.
+Under DDP the sampler's shuffle is common to all ranks; each rank's random crops and flips
+are its own (``augmentation_seed``).
 
 - synthetic: a fixed pool of random images already on the device; a batch is gathered on
   the device, so there is no input pipeline and no host-to-device copy of images.
@@ -26,7 +28,7 @@ import math
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from labs import envinfo
 from labs.errors import UsageError
@@ -282,12 +284,48 @@ def render_shapes(params: torch.Tensor, labels: torch.Tensor, noise: torch.Tenso
 def train_transforms(img_size: int):
     from torchvision import transforms as T
 
-    return T.Compose([
+    return Augment(T.Compose([
         T.RandomResizedCrop(img_size),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    ]))
+
+
+def augmentation_seed(dataset: Dataset, seed: int, rank: int = 0) -> int | None:
+    """The seed of one rank's random crops and flips: --seed on rank 0 (02, 03 and rank 0
+    of 04 draw alike), another on every other rank; None for data without them (synthetic,
+    shapes: the same images on every rank). The sampler's shuffle and the model's initial
+    weights stay on --seed on every rank."""
+    if not isinstance(getattr(dataset, "transform", None), Augment):
+        return None
+    # torch seeds a CPU stream from the low 32 bits only (rank·2**32 would change nothing);
+    # seed + rank gives rank 1 of seed 0 the crops of rank 0 of seed 1. An odd step (2**32 /
+    # golden ratio) parts a run's ranks, and every pair of seed < 10**6 and rank < 1024.
+    return (seed + rank * 0x9E3779B9) % 2**64  # within 64 bits, the most a seed takes
+
+
+class Augment:
+    """The training augmentations. In a DataLoader worker they draw from its global RNG,
+    seeded from the loader's generator (a base seed + the worker's number); without
+    workers from their own stream (``reseed``), not from the training's global RNG."""
+
+    def __init__(self, transform):
+        self.transform, self.state = transform, None
+
+    def reseed(self, seed: int) -> None:
+        self.state = torch.Generator().manual_seed(seed).get_state()
+
+    def __call__(self, image):
+        if self.state is None or get_worker_info() is not None:
+            return self.transform(image)
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.state)
+        try:
+            return self.transform(image)
+        finally:
+            self.state = torch.get_rng_state()
+            torch.set_rng_state(outer)
 
 
 def eval_transforms(img_size: int):
@@ -562,14 +600,18 @@ def workers_per_process(cores: int, processes: int) -> int:
 
 
 def build_loader(dataset: Dataset, args, sampler: Sampler, device: torch.device,
-                 batch_size: int, num_workers: int) -> DataLoader:
+                 batch_size: int, num_workers: int, rank: int = 0) -> DataLoader:
+    """The training loader: ``sampler`` picks the images, ``rank`` the stream of their
+    random crops and flips (``augmentation_seed``), in workers or in this process."""
     if isinstance(dataset, SyntheticImages):
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                           num_workers=0, collate_fn=_already_batched)
+    if (seed := augmentation_seed(dataset, args.seed, rank)) is not None:
+        dataset.transform.reseed(seed)
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
         num_workers=num_workers, pin_memory=device.type == "cuda",
         persistent_workers=num_workers > 0,
         collate_fn=_already_batched if isinstance(dataset, ShapesImages) else None,
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=torch.Generator().manual_seed(args.seed if seed is None else seed),
     )
