@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from labs.contract import LAB_NAMES
-from labs.errors import UsageError
+from labs.errors import UsageError, first_line
 from labs.launcher_env import env_int
 
 AMP_CHOICES = ("auto", "off", "fp16", "bf16")
@@ -420,7 +420,7 @@ def run(main) -> None:
             raise
         # Inside training the result guard records an `oom` result; this is before it
         # (building the data set or the model), so there is no run to record yet.
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        first = first_line(err, type(err).__name__)[:200]
         sys.stderr.write(f"{prog}: out of memory before training started ({first}); try a "
                          f"smaller --img-size, --batch-size or --dataset-size\n")
         sys.exit(3)

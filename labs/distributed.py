@@ -27,7 +27,7 @@ import torch.distributed as dist
 from labs import envinfo, files
 from labs.compat import OutOfMemoryError
 from labs.contract import Outcome
-from labs.errors import UsageError
+from labs.errors import UsageError, first_line
 from labs.launcher_env import Ranks
 from labs.train import gradient_bytes
 
@@ -322,7 +322,7 @@ def load_checkpoint(path: Path, model, optimizer, scaler, device: torch.device) 
 
 
 def _first_sentence(err: Exception) -> str:
-    text = (str(err).strip().splitlines() or [""])[0].split(". ")[0]
+    text = first_line(err).split(". ")[0]
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
@@ -343,12 +343,9 @@ def ddp_config(args, backend: str, model) -> dict:
         "backend": backend,
         "gradient_bytes": gradient_bytes(model),  # all-reduced every step (before any hook)
         "comm_probe": args.comm_probe,
-        "bucket_cap_mb": args.bucket_cap_mb,
-        "static_graph": args.static_graph,
+        **_constructor_flags(args),
         "sync_bn": args.sync_bn,
-        "find_unused_parameters": args.find_unused_parameters,
         "broadcast_buffers": args.broadcast_buffers,
-        "gradient_as_bucket_view": True,
         "comm_hook": args.comm_hook,
         "timeout_s": args.timeout_s,
         "checkpoint_every": args.checkpoint_every,
@@ -391,12 +388,17 @@ def launch_notes(world: dict, device: torch.device) -> list[str]:
     return notes
 
 
-def ddp_options(args) -> dict:
-    """DistributedDataParallel's keyword arguments from the command line's DDP flags."""
+def _constructor_flags(args) -> dict:
+    """The DDP flags passed to DistributedDataParallel as they are (one list for the
+    constructor and the result)."""
     return {"bucket_cap_mb": args.bucket_cap_mb, "static_graph": args.static_graph,
             "find_unused_parameters": args.find_unused_parameters,
-            "gradient_as_bucket_view": True,  # gradients live in the buckets: no copy
-            **buffer_sync(args.broadcast_buffers)}
+            "gradient_as_bucket_view": True}  # gradients live in the buckets: no copy
+
+
+def ddp_options(args) -> dict:
+    """DistributedDataParallel's keyword arguments from the command line's DDP flags."""
+    return {**_constructor_flags(args), **buffer_sync(args.broadcast_buffers)}
 
 
 def buffer_sync(every_forward: bool) -> dict:

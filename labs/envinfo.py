@@ -95,12 +95,17 @@ def collect() -> dict:
     }
 
 
+def cuda_index(device: torch.device) -> int:
+    """The GPU number of a CUDA device; a bare "cuda" means the current one."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def device_entry(device: torch.device, rank: int | None = None) -> dict:
     """One entry of the result's world.devices list."""
     entry = {"device": str(device), "index": device.index, "host": socket.gethostname(),
              "name": "CPU"}
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        index = cuda_index(device)
         entry.update(index=index, name=torch.cuda.get_device_name(index))
     if rank is not None:
         entry["rank"] = rank

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from labs import cli
+from labs import cli, envinfo
 from labs.compat import DistNetworkError
 from labs.errors import UsageError
 from labs.launcher_env import (LAUNCH_COMMAND, Ranks, check_master_address, command_line,
@@ -61,8 +61,7 @@ def threads_per_rank(nproc: int) -> int:
     is set."""
     if os.environ.get("OMP_NUM_THREADS"):
         return int(os.environ["OMP_NUM_THREADS"])
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // nproc)
+    return max(1, envinfo.cpu_count() // nproc)
 
 
 def run(main: Callable[[], None], lab: str) -> None:

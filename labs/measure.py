@@ -33,6 +33,8 @@ import numpy as np
 import psutil
 import torch
 
+from labs.envinfo import cuda_index
+
 
 def percentile(values, q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=float), q))
@@ -106,7 +108,7 @@ class DeviceSampler:
             return {}
         handles = {}
         for device in cuda:
-            index = device.index if device.index is not None else torch.cuda.current_device()
+            index = cuda_index(device)
             try:
                 # CUDA_VISIBLE_DEVICES renumbers devices; the PCI bus id is the same in
                 # both. (torch < 2.8 has no PCI ids: AttributeError, noted below.)
@@ -315,7 +317,7 @@ class Meter:
                      "data_pool_bytes": None,
                      "step_time_s": step_median, "utilization_pct": None, "power_w": None}
             if device.type == "cuda":
-                index = device.index if device.index is not None else torch.cuda.current_device()
+                index = cuda_index(device)
                 entry.update(
                     index=index,
                     name=torch.cuda.get_device_name(index),

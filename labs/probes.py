@@ -37,6 +37,7 @@ from labs.bandwidth import algbw_gb_s, busbw, predict_allreduce_s
 from labs.compat import OutOfMemoryError
 from labs.data import workers_per_process
 from labs.distributed import run_collective
+from labs.errors import first_line
 from labs import fmt
 
 # The default model's gradients: ResNet-50 (1000 classes) has 25,557,032 parameters,
@@ -92,10 +93,6 @@ def recommend_batch_size(total_memory_bytes: int, precision: str,
     per_image = MEMORY_AT_BATCH_256_GIB[precision] * 2**30 / 256
     fits = total_memory_bytes * (1 - headroom) / per_image
     return 2 ** int(math.floor(math.log2(fits))) if fits >= 1 else 0
-
-
-def median(values) -> float:
-    return float(statistics.median(values))
 
 
 # --- the machine -------------------------------------------------------------------------
@@ -165,7 +162,7 @@ def _cuda_median_s(device: torch.device, op, warmup: int, iters: int) -> float:
             end.record()
             pairs.append((start, end))
         torch.cuda.synchronize(device)
-    return median(s.elapsed_time(e) / 1000.0 for s, e in pairs)  # events give ms
+    return statistics.median(s.elapsed_time(e) / 1000.0 for s, e in pairs)  # events give ms
 
 
 def matmul_gpu(index: int, dtype: str, notes: list[str], n: int = GPU_MATMUL_SIZE,
@@ -204,7 +201,7 @@ def matmul_cpu(n: int = CPU_MATMUL_SIZE, warmup: int = 2, iters: int = 5) -> dic
         torch.mm(a, b, out=c)
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    t = median(times)
+    t = statistics.median(times)
     return {"device": "cpu", "dtype": "fp32", "size": n, "time_s": t,
             "tflops": matmul_tflops(n, t)}
 
@@ -220,7 +217,7 @@ def copy_bandwidth(index: int, notes: list[str], size_bytes: int = COPY_BYTES,
         on_gpu = torch.empty(size_bytes, dtype=torch.uint8, device=device)
     except RuntimeError as err:  # pinned memory refused, or the GPU is full
         notes.append(f"cuda:{index}: copy bandwidth not measured "
-                     f"({str(err).splitlines()[0]}).")
+                     f"({first_line(err, type(err).__name__)}).")
         return []
     rows = []
     for direction, dst, src in (("h2d", on_gpu, host), ("d2h", host, on_gpu)):
@@ -261,7 +258,7 @@ def _time_allreduce(size_bytes: int, rank: int, world_size: int, device: torch.d
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         times = [s.elapsed_time(e) / 1000.0 for s, e in events]
-    return {"size_bytes": tensor.numel() * 4, "time_s": median(times),
+    return {"size_bytes": tensor.numel() * 4, "time_s": statistics.median(times),
             "correct": bool(correct)}
 
 

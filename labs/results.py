@@ -27,7 +27,7 @@ from labs.compat import OutOfMemoryError
 from labs.contract import (  # noqa: F401 - re-exported for the steps and older callers
     LAB_NAMES, MAX_RESULT_BYTES, SCHEMA_VERSION, STATUSES, STRATEGIES, Loaded, Outcome,
     load_result, utc_now, validate_run)
-from labs.errors import UsageError
+from labs.errors import UsageError, first_line
 from labs.launcher_env import command_line, launcher_gone
 from labs.files import prepare_dir  # noqa: F401 - re-exported: steps 02-04 call it here
 
@@ -120,8 +120,8 @@ class Run:
             batch = self.record["config"].get("per_device_batch_size")
             reason = (f"out of memory at {batch} images per device; try a smaller "
                       f"--batch-size or the same batch with --grad-accum-steps")
-            first_line = str(err).splitlines()[0] if str(err) else "CUDA out of memory"
-            self._fail(meter, peers, Outcome("oom", 3, f"{reason}. ({first_line})"))
+            detail = first_line(err, "CUDA out of memory")
+            self._fail(meter, peers, Outcome("oom", 3, f"{reason}. ({detail})"))
         except (KeyboardInterrupt, Interrupted) as err:
             code = 143 if isinstance(err, Interrupted) else 130
             orphaned = launcher_gone()
