@@ -94,7 +94,7 @@ def main() -> None:
               f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}; check the "
               f"driver and CUDA_VISIBLE_DEVICES)", file=sys.stderr)
         sys.exit(1)
-    files.prepare_dir(args.results_dir)  # an unwritable folder is bad usage: status 2
+    files.ensure_writable_dir(args.results_dir)  # an unwritable folder is bad usage: status 2
 
     notes: list[str] = []
     environment = envinfo.collect()

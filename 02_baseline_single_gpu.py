@@ -19,14 +19,14 @@ if __name__ == "__main__":  # --help and typos: answered before torch loads (sec
 import torch
 from torch.utils.data import RandomSampler
 
-from labs import console, data, envinfo, models, results, train
+from labs import console, data, envinfo, files, models, results, train
 from labs.measure import Meter
 
 
 def main() -> None:
     args = cli.parse_args(LAB, __doc__)  # bad input: one line, exit status 2
     device = envinfo.select_device(args.device)
-    results.prepare_dir(args.results_dir)  # an unwritable folder fails now, not after training
+    files.ensure_writable_dir(args.results_dir)  # an unwritable folder fails now, not after training
     console.warn_if_slow_on_cpu(device, args.preset)
 
     torch.manual_seed(args.seed)
@@ -42,7 +42,7 @@ def main() -> None:
     train.check_schedule(steps, args.epochs, args.warmup_steps, f"{len(dataset)} images")
 
     model = models.build_model(args.model, args.num_classes)
-    model = train.prepare_model(model, device, args.channels_last)
+    model = train.to_device(model, device, args.channels_last)
     if args.compile:
         model = torch.compile(model)
     samples_per_step = args.batch_size * args.grad_accum_steps

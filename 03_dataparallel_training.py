@@ -22,7 +22,7 @@ if __name__ == "__main__":  # --help and typos: answered before torch loads (sec
 import torch
 from torch.utils.data import RandomSampler
 
-from labs import console, data, dp, envinfo, models, results, train  # DP: dp
+from labs import console, data, dp, envinfo, files, models, results, train  # DP: dp
 from labs.measure import Meter
 
 
@@ -32,7 +32,7 @@ def main() -> None:
     dp.check_options(args, gpu_ids)  # DP: a global batch of >= 1 image per GPU; no --compile
     devices = [torch.device("cuda", i) for i in gpu_ids] or [torch.device("cpu")]  # DP:
     device = devices[0]  # DP: inputs, outputs, loss and optimizer all live on the first
-    results.prepare_dir(args.results_dir)  # an unwritable folder fails now, not after training
+    files.ensure_writable_dir(args.results_dir)  # an unwritable folder fails now, not after training
     console.warn_if_slow_on_cpu(device, args.preset)
 
     torch.manual_seed(args.seed)
@@ -48,7 +48,7 @@ def main() -> None:
     train.check_schedule(steps, args.epochs, args.warmup_steps, f"{len(dataset)} images")
 
     model = models.build_model(args.model, args.num_classes)
-    model = train.prepare_model(model, device, args.channels_last)
+    model = train.to_device(model, device, args.channels_last)
     model = dp.AutocastForward(model, device.type,  # DP: the replicas' threads would turn
                                train.autocast_dtype(amp))  # DP: bf16 into fp16 without it
     model = torch.nn.DataParallel(model, device_ids=gpu_ids or None,  # DP: scatter each batch,

@@ -26,7 +26,7 @@ from torch.distributed.elastic.multiprocessing.errors import record  # DDP:
 from torch.nn.parallel import DistributedDataParallel as DDP  # DDP: the wrapper
 from torch.utils.data.distributed import DistributedSampler  # DDP: 1/N the data
 
-from labs import console, data, distributed, launch, models, results, train  # DDP:
+from labs import console, data, distributed, files, launch, models, results, train  # DDP:
 from labs.measure import Meter
 
 
@@ -35,13 +35,13 @@ def main() -> None:
     args = cli.parse_args(LAB, __doc__)  # bad input: one line, exit status 2
     ranks = launch.ranks_from_env(args.local_rank)  # DDP: RANK, LOCAL_RANK, WORLD_SIZE
     master_process = ranks.rank == 0  # DDP: only rank 0 prints, checkpoints and writes
-    device = distributed.select_device(ranks, args.device)  # DDP: GPU number LOCAL_RANK
+    device = distributed.rank_device(ranks, args.device)  # DDP: GPU number LOCAL_RANK
     backend = distributed.choose_backend(args.backend, device)  # DDP: nccl on GPUs, else gloo
     timeout = datetime.timedelta(seconds=args.timeout_s)  # DDP: a dead peer times out
     dist.init_process_group(backend, timeout=timeout,  # DDP: join the group
                             rank=ranks.rank, world_size=ranks.world_size,  # DDP:
-                            **launch.rendezvous(ranks, device, backend, timeout))  # DDP:
-    results.prepare_dir(args.results_dir)  # an unwritable folder fails now, not after training
+                            **launch.process_group_kwargs(ranks, device, backend, timeout))  # DDP:
+    files.ensure_writable_dir(args.results_dir)  # an unwritable folder fails now, not after training
     console.warn_if_slow_on_cpu(device, args.preset, show=master_process)  # DDP: rank 0 only
 
     torch.manual_seed(args.seed)
@@ -62,10 +62,10 @@ def main() -> None:
     model = models.build_model(args.model, args.num_classes)
     if args.sync_bn:  # DDP: batch-norm statistics over the global batch, not per rank
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # DDP:
-    model = train.prepare_model(model, device, args.channels_last)
+    model = train.to_device(model, device, args.channels_last)
     raw_model = model  # DDP: the unwrapped module, for checkpoints
     model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,  # DDP:
-                **distributed.ddp_options(args))  # DDP: all-reduce in buckets during backward
+                **distributed.ddp_kwargs(args))  # DDP: all-reduce in buckets during backward
     distributed.register_comm_hook(model, args.comm_hook)  # DDP: optional compression
     if args.compile:
         model = torch.compile(model)
@@ -89,7 +89,7 @@ def main() -> None:
                       config=results.config_from_args(
                           args, per_device_batch_size=args.batch_size,
                           global_batch_size=samples_per_step * ranks.world_size,  # DDP:
-                          **distributed.ddp_config(args, backend, raw_model),  # DDP: options
+                          **distributed.ddp_settings(args, backend, raw_model),  # DDP: options
                           steps_per_epoch=steps, amp=amp, lr=lr, num_workers=num_workers,
                           train_set=data.describe(dataset),
                           augmentation_seed=data.augmentation_seed(dataset, args.seed)))

@@ -32,7 +32,7 @@ from labs.launcher_env import Ranks
 from labs.train import gradient_bytes
 
 
-def select_device(ranks: Ranks, requested: str) -> torch.device:
+def rank_device(ranks: Ranks, requested: str) -> torch.device:
     """This rank's device, made the current one: GPU number LOCAL_RANK (wrapping onto
     shared GPUs only for gloo rehearsals), or the CPU."""
     if requested == "cpu" or envinfo.gpu_count() == 0:
@@ -337,7 +337,7 @@ def _unpickling_detail(err: Exception) -> str:
 
 # --- what the result records ----------------------------------------------------------
 
-def ddp_config(args, backend: str, model) -> dict:
+def ddp_settings(args, backend: str, model) -> dict:
     """The DDP options of this run, for the result's config block."""
     return {
         "backend": backend,
@@ -396,7 +396,7 @@ def _constructor_flags(args) -> dict:
             "gradient_as_bucket_view": True}  # gradients live in the buckets: no copy
 
 
-def ddp_options(args) -> dict:
+def ddp_kwargs(args) -> dict:
     """DistributedDataParallel's keyword arguments from the command line's DDP flags."""
     return {**_constructor_flags(args), **buffer_sync(args.broadcast_buffers)}
 

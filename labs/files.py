@@ -108,7 +108,7 @@ def unwritable_reason(folder: Path) -> str | None:
     return None
 
 
-def prepare_dir(folder: Path) -> Path:
+def ensure_writable_dir(folder: Path) -> Path:
     """Create the results folder and prove it is writable, before any work is done."""
     folder = Path(folder)
     try:

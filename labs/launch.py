@@ -4,7 +4,7 @@ Under torchrun every rank is started for us and reads who it is from the environ
 (``ranks_from_env``). ``--nproc N`` makes 04 its own launcher: ``run`` checks the
 command line once, in the parent, then starts N ranks with the spawn start method and
 the same variables torchrun would set, shares the cores between them, passes Ctrl-C and
-SIGTERM on, and ends the job when a rank dies. ``rendezvous`` is what
+SIGTERM on, and ends the job when a rank dies. ``process_group_kwargs`` gives what
 ``init_process_group`` needs beyond the usual env:// meeting: a store of its own after a
 torchrun restart, and NCCL's device binding.
 """
@@ -32,7 +32,7 @@ from labs.launcher_env import (LAUNCH_COMMAND, Ranks, check_master_address, comm
 from labs.launcher_env import ranks_from_env  # noqa: F401 - 04 calls launch.ranks_from_env
 
 
-def rendezvous(ranks: Ranks, device: torch.device, backend: str, timeout) -> dict:
+def process_group_kwargs(ranks: Ranks, device: torch.device, backend: str, timeout) -> dict:
     """init_process_group's arguments beyond backend, rank, world size and timeout.
 
     - After a torchrun restart, a store of this attempt's own: torchrun's agent keeps one

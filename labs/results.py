@@ -29,7 +29,6 @@ from labs.contract import (  # noqa: F401 - re-exported for the steps and older 
     load_result, utc_now, validate_run)
 from labs.errors import UsageError, first_line
 from labs.launcher_env import command_line, launcher_gone
-from labs.files import prepare_dir  # noqa: F401 - re-exported: steps 02-04 call it here
 
 if TYPE_CHECKING:
     from labs.distributed import PeerReports

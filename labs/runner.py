@@ -26,7 +26,7 @@ from pathlib import Path
 
 from labs.cli import PRESETS, OneLineParser, positive_int
 from labs.errors import UsageError
-from labs.files import prepare_dir
+from labs.files import ensure_writable_dir
 
 REPO = Path(__file__).resolve().parent.parent
 STEP_NAMES = {
@@ -265,6 +265,6 @@ def main(argv: list[str] | None = None) -> int:
                          f"run from a checkout of the lab")
     from labs import envinfo  # torch: seconds to load, so not for --help or a bad option
 
-    prepare_dir(args.results_dir)  # an unwritable folder fails now, before step 01
+    ensure_writable_dir(args.results_dir)  # an unwritable folder fails now, before step 01
     plan = build_plan(args, envinfo.gpu_count())
     return execute(plan, args, argv)

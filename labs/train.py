@@ -68,7 +68,7 @@ def configure_backends(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def prepare_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+def to_device(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -132,15 +132,15 @@ def test_a_missing_folder_is_an_error_and_creates_nothing(tmp_path):
     assert everything(tmp_path) == []
 
 
-def test_unwritable_reason_and_prepare_dir(tmp_path):
+def test_unwritable_reason_and_ensure_writable_dir(tmp_path):
     assert files.unwritable_reason(tmp_path) is None
     assert everything(tmp_path) == []  # the probe file is gone
     assert files.unwritable_reason(tmp_path / "missing") is not None
     regular = tmp_path / "file.txt"
     regular.write_text("not a folder")
     with pytest.raises(UsageError, match="cannot write results"):
-        files.prepare_dir(regular / "results")
-    assert files.prepare_dir(tmp_path / "a" / "b").is_dir()
+        files.ensure_writable_dir(regular / "results")
+    assert files.ensure_writable_dir(tmp_path / "a" / "b").is_dir()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
@@ -151,6 +151,6 @@ def test_a_read_only_folder_is_unwritable(tmp_path):
     try:
         assert files.unwritable_reason(folder) == "Permission denied"
         with pytest.raises(UsageError, match="Permission denied"):
-            files.prepare_dir(folder)
+            files.ensure_writable_dir(folder)
     finally:
         folder.chmod(0o755)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from labs import cli, envinfo, results
+from labs import cli, envinfo, files, results
 from labs.compat import OutOfMemoryError
 from labs.errors import UsageError
 from labs.measure import Meter
@@ -154,21 +154,21 @@ def test_a_run_that_measured_nothing_is_not_ok(results_dir):
     assert loaded.record["metrics"]["throughput_img_s"] is None
 
 
-# --- prepare_dir ---------------------------------------------------------------------------
+# --- ensure_writable_dir ---------------------------------------------------------------------------
 
-def test_prepare_dir_creates_nested_folders(tmp_path):
-    folder = results.prepare_dir(tmp_path / "a" / "b")
+def test_ensure_writable_dir_creates_nested_folders(tmp_path):
+    folder = files.ensure_writable_dir(tmp_path / "a" / "b")
     assert folder.is_dir()
     assert list(folder.iterdir()) == []  # the write test leaves nothing behind
 
 
-def test_prepare_dir_under_a_regular_file_is_a_usage_error(tmp_path):
+def test_ensure_writable_dir_under_a_regular_file_is_a_usage_error(tmp_path):
     regular = tmp_path / "file.txt"
     regular.write_text("not a folder")
     with pytest.raises(UsageError, match="cannot write results"):
-        results.prepare_dir(regular / "results")
+        files.ensure_writable_dir(regular / "results")
     with pytest.raises(UsageError):
-        results.prepare_dir(regular)
+        files.ensure_writable_dir(regular)
 
 
 # --- reading: every way a file can be wrong -------------------------------------------------

@@ -36,7 +36,7 @@ def batch(n: int, dtype=torch.float32, seed: int = 1):
 
 def make_trainer(model, *, amp="off", channels_last=False, grad_accum_steps=1,
                  steps_per_epoch=1, epochs=1, lr=0.05, skip_grad_sync=None):
-    model = train.prepare_model(model, CPU, channels_last)
+    model = train.to_device(model, CPU, channels_last)
     optimizer = train.build_optimizer(model, lr, CPU)
     # Warmup longer than the test: the meter never starts its sampling thread.
     meter = Meter(CPU, warmup_steps=10_000, samples_per_step=1)
@@ -256,7 +256,7 @@ def test_the_steady_state_step_never_synchronises_with_the_gpu(amp):
     dataset = data.SyntheticImages(256, 32, CLASSES, device, seed=0)
     sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(0))
     loader = data.build_loader(dataset, SimpleNamespace(seed=0), sampler, device, 16, 0)
-    model = train.prepare_model(models.build_model("resnet18", CLASSES), device, True)
+    model = train.to_device(models.build_model("resnet18", CLASSES), device, True)
     meter = Meter(device, warmup_steps=3, samples_per_step=16)
     trainer = train.Trainer(model, train.build_optimizer(model, 0.1, device), device,
                             amp=amp, channels_last=True, grad_accum_steps=1, meter=meter,
