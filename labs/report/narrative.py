@@ -73,6 +73,11 @@ def headline(m: Machine) -> str:
     if rows.empty:
         return f"{where}, no completed run measured a throughput."
     ok = _trusted(rows)
+    # A one-device wrapper is its baseline plus overhead: never the configuration to use
+    # where the baseline itself is a candidate.
+    wrapped = (ok["strategy"] != "single") & (ok["n_devices"] == 1)
+    if (ok["strategy"] == "single").any():
+        ok = ok[~wrapped]
     if ok.empty:
         kinds = Counter(flag_kind(f) for flags in rows["flags"] for f in flags)
         why = ", ".join(f"{kind} ×{n}" for kind, n in kinds.items())
