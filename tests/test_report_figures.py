@@ -18,6 +18,12 @@ from labs.report import analysis, environment, loading, plots, render
 __all__ = ["step05"]  # the fixture of test_report
 
 
+def value_labels(fig) -> list[str]:
+    """The value column of a bar chart (its right-hand child axes), top row first."""
+    right = fig.axes[0].child_axes[0]
+    return [t.get_text() for t in right.get_yticklabels()]
+
+
 @pytest.fixture(scope="module")
 def lab_dir(tmp_path_factory, real_run):
     return populate(tmp_path_factory.mktemp("figures") / "results", real_run)
@@ -186,7 +192,7 @@ def test_memory_plot_shows_every_device_of_a_configuration(table):
     labels = [plots.unwrap_label(t.get_text()) for t in ax.get_yticklabels()]
     dp = labels.index("DP ×2")
     assert ax.patches[dp].get_width() == pytest.approx(14.0)
-    assert plots.value_labels(fig)[dp] == "9.0–14.0 GiB"
+    assert value_labels(fig)[dp] == "9.0–14.0 GiB"
     dots = [line for line in ax.get_lines() if list(line.get_ydata()) == [dp, dp]]
     assert len(dots) == 1 and sorted(dots[0].get_xdata()) == pytest.approx([9.0, 14.0])
     assert "each device's peak" in [t.get_text() for t in fig.legends[0].get_texts()]
@@ -281,10 +287,10 @@ def test_one_efficiency_line_per_ddp_setting(tmp_path, real_run):
 def test_epoch_plot_labels_use_the_axis_unit(table):
     fig, _ = plots.plot_epoch_time(table)
     ax = fig.axes[0]
-    labels = plots.value_labels(fig)
+    labels = value_labels(fig)
     assert ax.get_xlabel().startswith("seconds per epoch")  # one epoch takes over 1 s
     assert len(labels) == len(table) and all(label.endswith(" s") for label in labels), labels
     fast = table[table["epoch_time_s"] < 1]
     fig, _ = plots.plot_epoch_time(fast)
     assert fig.axes[0].get_xlabel().startswith("milliseconds per epoch")
-    assert all(label.endswith(" ms") for label in plots.value_labels(fig))
+    assert all(label.endswith(" ms") for label in value_labels(fig))

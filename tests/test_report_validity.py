@@ -337,8 +337,8 @@ def test_ddp_prediction_without_step_01_says_it_needs_it():
     run step 01: the sweep of another host, even with the same GPUs, is never used."""
     m = machines.Machine(key=f"node-a|{H100}", slug="node_a", host="node-a", hardware=H100,
                          cpu=False, rows=pd.DataFrame())
-    elsewhere = {"file": "environment_dgx.json", "world_size": 8, "host": "dgx",
-                 "gpu_names": [H100] * 8, "backend": "nccl", "cpu": False,
+    elsewhere = {"file": "environment_dgx.json", "world_size": 8, "backend": "nccl",
+                 "cpu": False,
                  "all_correct": True, "results": [{"size_bytes": 2**28, "busbw_gb_s": 20.0}]}
     sweep, why_not = machines.sweep_for(m, [elsewhere], 8, False)
     assert sweep is None
@@ -478,3 +478,23 @@ def test_the_synthetic_pool_is_kept_out_of_memory_figures(gpu_threads_lab):
     single = csv[csv["method"].str.startswith("Single")].iloc[0]
     assert single["gpu_mem_peak_max_bytes"] == pytest.approx(10.0 * gib)
     assert "less the synthetic data pool" in page_text(raw)
+
+
+def test_a_one_device_wrapper_is_never_the_one_to_use(tmp_path, real_run):
+    """DP x1 is the baseline's work plus the wrapper's: 5% faster to the target (within
+    the noise the flags allow) it is named neither in the headline nor as the soonest in
+    the verdict; the baseline is, and DDP x2 as the faster run that took longer."""
+    results = tmp_path / "results"
+    results.mkdir()
+    curve = [0.3, 0.45, 0.55]  # 50% first reached at epoch 3
+    write(results, "02.json", make_run(real_run, strategy="single", n=1, throughput=100.0,
+                                       eval=curve, epoch_s=10.0))
+    write(results, "03_dp1.json", make_run(real_run, strategy="dp", n=1, throughput=105.0,
+                                           eval=curve, epoch_s=9.5))
+    write(results, "04_ddp2.json", make_run(real_run, strategy="ddp", n=2, throughput=180.0,
+                                            eval=[0.2, 0.35, 0.45, 0.52], epoch_s=8.0))
+    raw, _ = report(results)
+    said, summary = text_of(headline(raw)), text_of(verdict(raw))
+    assert "DP ×1" not in said and "Single (fp32, global batch 8) reached 50%" in said
+    assert "DDP ×2 was fastest" in said
+    assert "soonest Single after 30.00 s" in summary and "soonest DP" not in summary

@@ -639,11 +639,7 @@ def allreduce_sweeps(environments: list[dict], file_of) -> list[dict]:
             continue
         backend = str(dig(probe, "backend") or "")
         device = str(dig(probe, "device") or ("cpu" if backend == "gloo" else "cuda"))
-        names = [str(g.get("name")) for g in dicts(dig(record, "environment", "gpus"))
-                 or dicts(record.get("gpus")) if g.get("name")]
         sweeps.append({"file": file_of(record), "world_size": int(world),
-                       "host": str(dig(record, "environment", "host") or ""),
-                       "gpu_names": names,
                        "backend": backend, "cpu": device.startswith("cpu"),
                        "all_correct": dig(probe, "all_correct") is not False
                        and all(r.get("correct") is not False for r in results),

@@ -222,13 +222,11 @@ def interconnect(m: Machine) -> str | None:
     return None
 
 
-def gradient_bytes_of(model: str, num_classes, table: pd.DataFrame) -> tuple[float | None, str]:
+def gradient_bytes_of(model: str, num_classes, table: pd.DataFrame) -> float | None:
     """The fp32 parameter bytes of ``model``, from the run files: a DDP run records its
     gradient bytes (one per parameter), the same on every machine for the same model and
-    number of classes. Returns (bytes, the file they come from) or (None, why)."""
+    number of classes; None when no run recorded them."""
     same = table[(table["model"] == model) & table["gradient_bytes"].notna()]
     if "num_classes" in table.columns and not fmt.missing(num_classes):
         same = same[same["num_classes"].map(str) == str(num_classes)]
-    if same.empty:
-        return None, f"no run of {model} recorded its parameter bytes (a DDP run does)"
-    return float(same["gradient_bytes"].iloc[0]), str(same["label"].iloc[0])
+    return None if same.empty else float(same["gradient_bytes"].iloc[0])

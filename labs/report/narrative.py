@@ -34,6 +34,13 @@ def _trusted(rows: pd.DataFrame) -> pd.DataFrame:
     return rows[reliable(rows)] if not rows.empty else rows
 
 
+def _candidates(ok: pd.DataFrame) -> pd.DataFrame:
+    """Configurations a reader could choose: a one-device wrapper is its baseline plus
+    overhead, never one to use where the baseline itself is among ``ok``."""
+    wrapped = (ok["strategy"] != "single") & (ok["n_devices"] == 1)
+    return ok[~wrapped] if (ok["strategy"] == "single").any() else ok
+
+
 def _fastest(rows: pd.DataFrame):
     rows = rows[rows["tp_median"].notna()]
     return None if rows.empty else rows.loc[rows["tp_median"].astype(float).idxmax()]
@@ -72,12 +79,7 @@ def headline(m: Machine) -> str:
     rows = m.rows[m.rows["tp_median"].notna()]
     if rows.empty:
         return f"{where}, no completed run measured a throughput."
-    ok = _trusted(rows)
-    # A one-device wrapper is its baseline plus overhead: never the configuration to use
-    # where the baseline itself is a candidate.
-    wrapped = (ok["strategy"] != "single") & (ok["n_devices"] == 1)
-    if (ok["strategy"] == "single").any():
-        ok = ok[~wrapped]
+    ok = _candidates(_trusted(rows))
     if ok.empty:
         kinds = Counter(flag_kind(f) for flags in rows["flags"] for f in flags)
         why = ", ".join(f"{kind} ×{n}" for kind, n in kinds.items())
@@ -120,7 +122,7 @@ def headline(m: Machine) -> str:
 def verdict(m: Machine) -> list[str]:
     ok = _trusted(m.rows)
     lines = [line for line in (_scaling_line(m, ok, "ddp"), _scaling_line(m, ok, "dp"),
-                               _dp_versus_ddp(m, ok), _amp_line(m, ok), _target_line(m, ok),
+                               _dp_versus_ddp(m, ok), _amp_line(m), _target_line(m, ok),
                                _unreliable_line(m)) if line]
     if (m.rows["n_devices"] > 1).any() and not (ok["efficiency"].notna()).any():
         notes = sorted({n for n in m.rows.loc[m.rows["n_devices"] > 1, "efficiency_note"]
@@ -132,7 +134,7 @@ def verdict(m: Machine) -> list[str]:
         each = ("one thread each" if threads == [1] else
                 f"{' or '.join(map(str, threads))} threads each" if threads else
                 "threads not recorded")
-        lines.append(f"{m.host}: CPU processes of {each}; they show the mechanics, not GPU "
+        lines.append(f"{m.host} · CPU processes of {each}; they show the mechanics, not GPU "
                      "speed.")
     return lines[:VERDICT_LINES]
 
@@ -181,7 +183,7 @@ def setting_effects(rows: pd.DataFrame, field: str = "amp") -> list[tuple]:
     return sorted(pairs, key=lambda p: p[1]["n_devices"])
 
 
-def _amp_line(m: Machine, ok: pd.DataFrame) -> str | None:
+def _amp_line(m: Machine) -> str | None:
     pairs = setting_effects(m.rows)
     if not pairs:
         return None
@@ -204,7 +206,7 @@ def _target_line(m: Machine, ok: pd.DataFrame) -> str | None:
     if rows.empty:
         return None
     target = fmt.pct(rows["target_accuracy"].iloc[0])
-    reached = rows[rows.apply(_reached, axis=1)]
+    reached = _candidates(rows[rows.apply(_reached, axis=1)])
     items = []
     if not reached.empty:
         soonest = reached.loc[reached["time_to_accuracy_s"].astype(float).idxmin()]
@@ -278,7 +280,7 @@ def dp_traffic(r, table: pd.DataFrame) -> str | None:
     scatters, the weights it copies to every replica, the gradients it sums from them and
     the outputs it gathers."""
     n = int(r["n_devices"])
-    weights, _source = gradient_bytes_of(r["model"], r["num_classes"], table)
+    weights = gradient_bytes_of(r["model"], r["num_classes"], table)
     if weights is None or not _given(r["img_size"]) or not _given(r["global_batch_size"]):
         return None
     images = float(r["global_batch_size"]) * 3 * float(r["img_size"]) ** 2 * 4  # fp32

@@ -253,12 +253,6 @@ def _bar_axes(fig: Figure, labels: list[str], values: list[str], xlabel: str):
     return ax
 
 
-def value_labels(fig: Figure) -> list[str]:
-    """The value column of a bar chart, top row first."""
-    right = fig.axes[0].child_axes[0]
-    return [t.get_text() for t in right.get_yticklabels()]
-
-
 def unreliable(rows: pd.DataFrame) -> list[bool]:
     """Rows the analysis flagged: a non-empty ``flags`` list. No column means no flags."""
     if "flags" not in rows.columns:
