@@ -5,8 +5,8 @@ defaults and validates every value before any work is done. A bad value raises
 ``UsageError``; ``run(main)`` turns it into one line on stderr and exit status 2.
 
 Torch-free, so that ``--help`` and most mistakes are answered at once: every step calls
-``check_early(...)`` with its torch-free parse (``read_args`` for 02-04) before importing
-torch, which takes seconds to load.
+``check_early`` with its ``parse_args`` (02-04: this one, ``torch_checks=False``) before
+importing torch, which takes seconds to load.
 """
 
 from __future__ import annotations
@@ -310,19 +310,17 @@ def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def read_args(lab: str, description: str | None = None, argv: list[str] | None = None):
-    """Parse, fill and run every check that needs no torch; raises UsageError."""
+def parse_args(lab: str, description: str | None = None, argv: list[str] | None = None,
+               *, torch_checks: bool = True) -> argparse.Namespace:
+    """Parse, fill and check the command line of step ``lab``; raises UsageError on any
+    bad value. ``torch_checks=False`` leaves out the checks that load torch (the model's
+    name and, for 04, the launch): what ``check_early`` runs before the heavy imports."""
     args = build_parser(lab, description).parse_args(argv)
     args.lab = lab
     apply_preset(args)
     check_values(args)
-    return args
-
-
-def parse_args(lab: str, description: str | None = None, argv: list[str] | None = None):
-    """``read_args``, then the checks that load torch: the model's name and, for 04, the
-    launch. Raises UsageError on any bad value."""
-    args = read_args(lab, description, argv)
+    if not torch_checks:
+        return args
     from labs import models  # torchvision import is slow; only when the rest is valid
 
     models.check_model_name(args.model)
@@ -400,11 +398,12 @@ def check_launch(args) -> None:
                          "drop it on the CPU")
 
 
-def check_early(parse: Callable[[], object]) -> None:
+def check_early(parse_args: Callable[..., object], *args, **kwargs) -> None:
     """Parse the command line before the heavy imports: ``--help``, and every mistake
-    ``parse`` finds without torch, are answered in a fraction of a second instead of after
-    the seconds torch takes to load. Bad input: one line, exit status 2 (as ``run``)."""
-    run(parse)
+    ``parse_args(*args, **kwargs)`` finds without torch, are answered in a fraction of a
+    second instead of after the seconds torch takes to load. Bad input: one line, exit
+    status 2 (as ``run``)."""
+    run(lambda: parse_args(*args, **kwargs))
 
 
 def run(main) -> None:

@@ -77,10 +77,12 @@ def _accuracy_lines(cfg: dict, metrics: dict) -> list[str]:
     return lines
 
 
-def warn_if_slow_on_cpu(device, preset: str | None, show: bool = True) -> None:
-    """A full ResNet-50 run on a CPU takes hours: say so before it starts, and that a CPU
-    device is one thread (``train.configure_backends``)."""
-    if show and device.type == "cpu" and preset is None:
+def warn_if_slow_on_cpu(device, preset: str | None) -> None:
+    """A full ResNet-50 run on a CPU takes hours: say so before it starts (04: rank 0
+    only), and that a CPU device is one thread (``train.configure_backends``)."""
+    if os.environ.get("RANK", "0") != "0":
+        return  # one warning per job, not one per rank
+    if device.type == "cpu" and preset is None:
         print("warning: no GPU in use: a full ResNet-50 run on the CPU takes hours; "
               "try --preset smoke (seconds) or --preset cpu (a minute)", file=sys.stderr)
         if not os.environ.get("OMP_NUM_THREADS", "").strip():

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from labs import envinfo
 from labs.errors import UsageError
+from labs.launcher_env import Ranks, env_int
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -550,14 +551,14 @@ class ShardSampler(Sampler):
 
 
 def build_val_loader(args, device: torch.device, num_workers: int,
-                     shard: tuple[int, int] | None = None) -> DataLoader | None:
+                     shard: Ranks | None = None) -> DataLoader | None:
     """The validation loader (None without --eval): batches of --batch-size in a fixed
-    order, the last one short (drop_last=False). ``shard`` = (rank, world_size) under DDP:
-    this rank's ShardSampler share, so every image is evaluated once over all ranks."""
+    order, the last one short (drop_last=False). ``shard`` (DDP: this process's ranks):
+    its ShardSampler share, so every image is evaluated once over all ranks."""
     dataset = build_val_dataset(args, device)
     if dataset is None:
         return None
-    rank, world_size = shard or (0, 1)
+    rank, world_size = (shard.rank, shard.world_size) if shard else (0, 1)
     if len(dataset) < world_size:
         raise UsageError(f"--val-size: {len(dataset)} validation image(s) for {world_size} "
                          f"ranks; every rank needs at least one (raise --val-size)")
@@ -576,15 +577,18 @@ def eval_loader(dataset: Dataset, batch_size: int, device: torch.device, num_wor
                       persistent_workers=num_workers > 0 and not batched)
 
 
-def default_num_workers(args, processes_per_host: int = 1) -> int:
+def default_num_workers(args, processes_per_host: int | None = None) -> int:
     """--num-workers when given; none for synthetic data, nor for shapes rendered in
-    memory; otherwise from the cores."""
+    memory; otherwise from the cores, shared by the processes on this host (04's ranks:
+    LOCAL_WORLD_SIZE)."""
     if args.data == "synthetic":
         return 0  # the images are on the device already; workers could not touch them
     if args.num_workers is not None:
         return args.num_workers
     if args.data == "shapes" and shapes_cached(args.dataset_size, args.img_size):
         return 0  # a gather from memory: a worker would only add a copy between processes
+    if processes_per_host is None:
+        processes_per_host = env_int("LOCAL_WORLD_SIZE", default=1, minimum=1)
     return workers_per_process(envinfo.cpu_count(), processes_per_host)
 
 
@@ -600,9 +604,11 @@ def workers_per_process(cores: int, processes: int) -> int:
 
 
 def build_loader(dataset: Dataset, args, sampler: Sampler, device: torch.device,
-                 batch_size: int, num_workers: int, rank: int = 0) -> DataLoader:
-    """The training loader: ``sampler`` picks the images, ``rank`` the stream of their
-    random crops and flips (``augmentation_seed``), in workers or in this process."""
+                 num_workers: int, rank: int = 0) -> DataLoader:
+    """The training loader: batches of --batch-size (03: the global batch; 04: each
+    rank's), ``sampler`` picks the images, ``rank`` the stream of their random crops and
+    flips (``augmentation_seed``), in workers or in this process."""
+    batch_size = args.batch_size
     if isinstance(dataset, SyntheticImages):
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                           num_workers=0, collate_fn=_already_batched)

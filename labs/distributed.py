@@ -237,10 +237,10 @@ def broadcast_buffers(model: torch.nn.Module) -> None:
 
 # --- checkpoints ------------------------------------------------------------------------
 
-def save_checkpoint(folder: Path, epoch: int, model, optimizer, scaler) -> Path:
-    """Rank 0 saves the *unwrapped* model so the file loads without DDP; atomically, so a
-    crash mid-save never leaves a truncated checkpoint."""
-    folder = Path(folder)
+def save_checkpoint(args, epoch: int, model, optimizer, scaler) -> Path:
+    """Rank 0 saves the *unwrapped* model so the file loads without DDP, into
+    --checkpoint-dir, atomically, so a crash mid-save never leaves a truncated checkpoint."""
+    folder = Path(args.checkpoint_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"epoch{epoch:04d}.pt"
     state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-import weakref
 from dataclasses import dataclass
 
 from labs.compat import OutOfMemoryError
@@ -51,25 +50,6 @@ class Fault:
             time.sleep(5)  # the handler raises in this thread long before this ends
         if self.kind == "hang":
             time.sleep(3600)
-
-
-def install(trainer) -> None:
-    """With ``LAB_FAULT`` set, wrap ``trainer.step`` so the fault fires before the chosen
-    training step. Without it nothing is wrapped: the training loop has no fault check."""
-    fault = from_env()
-    if fault is None:
-        return
-    # Weakly: a wrapper holding the bound method would make a cycle (trainer -> wrapper
-    # -> trainer) that keeps the model, and 04's process group with it, alive until the
-    # interpreter's last garbage collection, a lifetime a run without LAB_FAULT never has.
-    step, meter = weakref.WeakMethod(trainer.step), trainer.meter
-
-    def step_with_fault(batches, loss_sum):
-        if not meter.in_compute_only:  # the steps after training are not counted
-            fault.maybe_fire(meter.steps_done)
-        step()(batches, loss_sum)
-
-    trainer.step = step_with_fault
 
 
 def from_env() -> Fault | None:

@@ -5,12 +5,13 @@ Under torchrun every rank is started for us and reads who it is from the environ
 command line once, in the parent, then starts N ranks with the spawn start method and
 the same variables torchrun would set, shares the cores between them, passes Ctrl-C and
 SIGTERM on, and ends the job when a rank dies. ``process_group_kwargs`` gives what
-``init_process_group`` needs beyond the usual env:// meeting: a store of its own after a
-torchrun restart, and NCCL's device binding.
+``init_process_group`` needs beyond the usual env:// meeting: the timeout, a store of its
+own after a torchrun restart, and NCCL's device binding.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from labs import cli, envinfo
 from labs.compat import DistNetworkError
@@ -32,9 +34,12 @@ from labs.launcher_env import (LAUNCH_COMMAND, Ranks, check_master_address, comm
 from labs.launcher_env import ranks_from_env  # noqa: F401 - 04 calls launch.ranks_from_env
 
 
-def process_group_kwargs(ranks: Ranks, device: torch.device, backend: str, timeout) -> dict:
-    """init_process_group's arguments beyond backend, rank, world size and timeout.
+def process_group_kwargs(args, ranks: Ranks, device: torch.device, backend: str) -> dict:
+    """init_process_group's arguments beyond backend, rank and world size.
 
+    - The timeout (``--timeout-s``): a collective waiting on a dead or stuck peer fails
+      after it, and the job ends, instead of hanging for torch's default of 10 minutes
+      or more.
     - After a torchrun restart, a store of this attempt's own: torchrun's agent keeps one
       key-value store across restarts, and the ranks of a restarted attempt would read
       the addresses the dead attempt's ranks published there, connect to ports nobody
@@ -42,7 +47,8 @@ def process_group_kwargs(ranks: Ranks, device: torch.device, backend: str, timeo
     - Under NCCL, the rank's GPU (``device_id``): the communicator is set up at once,
       on the right GPU.
     """
-    extra: dict = {}
+    timeout = datetime.timedelta(seconds=args.timeout_s)
+    extra: dict = {"timeout": timeout}
     if backend == "nccl":
         extra["device_id"] = device
     if ranks.restart_count == 0:
@@ -85,9 +91,11 @@ def _launch(main: Callable[[], None], lab: str) -> None:
 def _main_with_plain_rendezvous_errors(main: Callable[[], None]) -> None:
     """A rendezvous that fails (a port in use, an address nobody listens on) ends in a
     long DistNetworkError traceback: say the cause and the fix in one line instead. Only
-    before the process group exists: later network errors are a run's own failure."""
+    before the process group exists: later network errors are a run's own failure.
+    ``record``: under torchrun, a rank's exception goes into the error file torchrun's
+    failure summary reads, so that it names the rank and shows its traceback."""
     try:
-        main()
+        record(main)()
     except DistNetworkError as err:
         if dist.is_initialized():
             raise

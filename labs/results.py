@@ -22,16 +22,18 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from labs import envinfo, files, train
+from labs import distributed, envinfo, files, train
 from labs.compat import OutOfMemoryError
 from labs.contract import (  # noqa: F401 - re-exported for the steps and older callers
     LAB_NAMES, MAX_RESULT_BYTES, SCHEMA_VERSION, STATUSES, STRATEGIES, Loaded, Outcome,
     load_result, utc_now, validate_run)
 from labs.errors import UsageError, first_line
 from labs.launcher_env import command_line, launcher_gone
+from labs.measure import combine
 
 if TYPE_CHECKING:
-    from labs.distributed import PeerReports
+    from labs.distributed import PeerReports, Resumed
+    from labs.launcher_env import Ranks
 
 
 def _json_safe(value):
@@ -69,18 +71,35 @@ class Interrupted(Exception):
 
 
 class Run:
-    """One run's record. Only the writer (rank 0) ever writes the file."""
+    """One run's record. Under DDP (``ranks`` given) every rank makes one, at the same
+    point (its constructor and ``write`` are collectives), and only rank 0 writes."""
 
-    def __init__(self, lab: str, args, *, strategy: str, config: dict, world: dict,
-                 writer: bool = True):
+    def __init__(self, lab: str, args, *, strategy: str, config: dict,
+                 devices: list[torch.device], ranks: "Ranks | None" = None,
+                 backend: str | None = None, model: torch.nn.Module | None = None,
+                 resumed: "Resumed | None" = None):
+        """``devices``: this process's devices (02: one, 03: DataParallel's). 04 adds its
+        ``ranks``, ``backend``, the unwrapped ``model`` (for the gradient bytes) and where
+        it ``resumed``: the world block then lists every rank's device, the config gets the
+        DDP options, notes say how the run was launched, and a failing rank's reason
+        reaches rank 0 (``PeerReports``)."""
         self.lab = lab
-        self.writer = writer
+        self.rank = ranks.rank if ranks is not None else 0
+        self.writer = self.rank == 0
+        self.distributed = ranks is not None
         self.results_dir = Path(args.results_dir)
         self.run_id = _shared_run_id()
         default_name = f"{args.model}-b{config.get('global_batch_size')}-{config.get('amp')}"
         self.run_name = args.run_name or default_name
         self.notes: list[str] = []
         self.path: Path | None = None
+        self.peers: PeerReports | None = None
+        if ranks is None:
+            world = one_process_world(devices)
+        else:
+            world = distributed.describe_world(ranks, backend, devices[0], resumed)
+            config = {**config, **distributed.ddp_settings(args, backend, model)}
+            self.peers = distributed.PeerReports(ranks.rank, ranks.world_size)
         self.record = {
             "schema_version": SCHEMA_VERSION,
             "kind": "run",
@@ -93,10 +112,12 @@ class Run:
             "command": command_line(),
             "config": {"strategy": strategy, "preset": args.preset, **config},
             "world": world,
-            "environment": envinfo.collect() if writer else None,
+            "environment": envinfo.collect() if self.writer else None,
             "metrics": None,
             "notes": self.notes,
         }
+        if ranks is not None:
+            self.note(*distributed.launch_notes(world, devices[0]))
 
     def note(self, *texts: str) -> None:
         for text in texts:
@@ -104,9 +125,9 @@ class Run:
                 self.notes.append(text)
 
     @contextlib.contextmanager
-    def guard(self, meter, peers: "PeerReports | None" = None):
+    def guard(self, meter):
         """Turn OOM, Ctrl-C/SIGTERM and crashes into a written result with a status.
-        ``peers`` (DDP) carries a failing rank's reason to rank 0, which writes."""
+        Under DDP a failing rank's reason reaches rank 0, which writes."""
         def on_sigterm(signum, frame):
             raise Interrupted("terminated by SIGTERM")
 
@@ -120,26 +141,27 @@ class Run:
             reason = (f"out of memory at {batch} images per device; try a smaller "
                       f"--batch-size or the same batch with --grad-accum-steps")
             detail = first_line(err, "CUDA out of memory")
-            self._fail(meter, peers, Outcome("oom", 3, f"{reason}. ({detail})"))
+            self._fail(meter, Outcome("oom", 3, f"{reason}. ({detail})"))
         except (KeyboardInterrupt, Interrupted) as err:
             code = 143 if isinstance(err, Interrupted) else 130
             orphaned = launcher_gone()
-            self._fail(meter, peers, Outcome("failed", code, orphaned) if orphaned else
+            self._fail(meter, Outcome("failed", code, orphaned) if orphaned else
                        Outcome("interrupted", code, str(err) or "Ctrl-C"))
         except Exception as err:
-            self._fail(meter, peers, Outcome("failed", 1, f"{type(err).__name__}: {err}"),
+            self._fail(meter, Outcome("failed", 1, f"{type(err).__name__}: {err}"),
                        reraise=True)
         finally:
             signal.signal(signal.SIGTERM, previous[0])
             signal.signal(signal.SIGINT, previous[1])
 
-    def _fail(self, meter, peers, outcome: Outcome, reraise: bool = False) -> None:
+    def _fail(self, meter, outcome: Outcome, reraise: bool = False) -> None:
         # Stopping already: a second signal (the launcher stopping every rank after one
         # failed) must not cut the result short.
         signal.signal(signal.SIGTERM, _ignore_signal)
         signal.signal(signal.SIGINT, _ignore_signal)
         meter.flush()
-        rank = failed_rank = peers.rank if peers is not None else 0
+        peers = self.peers
+        rank = failed_rank = self.rank
         if not self.writer and peers is not None:
             lost = peers.writer_lost()
             if lost is None:
@@ -165,7 +187,7 @@ class Run:
             if self.record["world"].get("world_size", 1) > 1:
                 self.note(f"The run stopped early; the metrics are rank {rank}'s alone, as "
                           f"the other ranks could not be reached.")
-            self.write([meter.rank_summary(rank)], status=outcome.status)
+            self._write([meter.rank_summary(rank)], status=outcome.status)
             where = f" on rank {failed_rank}" if failed_rank != rank else ""
             print(f"\n{self.lab}: {outcome.status}{where}: {outcome.reason}\n"
                   f"partial result: {self.path}", file=sys.stderr)
@@ -176,10 +198,14 @@ class Run:
             raise
         raise SystemExit(outcome.exit_code)
 
-    def write(self, rank_summaries: list[dict], status: str = "ok") -> Path | None:
-        """Combine every rank's measurements and write the file (writer only)."""
-        from labs.measure import combine
+    def write(self, meter) -> Path | None:
+        """The run finished: every rank's measurements, combined, in the file rank 0
+        writes (returns its path; None on the other ranks). Under DDP a collective."""
+        summary = meter.rank_summary(self.rank)
+        return self._write(distributed.gather_to_rank0(summary) if self.distributed
+                           else [summary])
 
+    def _write(self, rank_summaries: list[dict] | None, status: str = "ok") -> Path | None:
         if not self.writer:
             return None
         metrics, notes = combine(rank_summaries,

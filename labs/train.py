@@ -1,22 +1,22 @@
-"""The training loop shared by steps 02, 03 and 04.
+"""What steps 02, 03 and 04 share around their training step.
 
-It knows nothing of DataParallel or DistributedDataParallel: the scripts wrap the model
-before handing it over (DataParallel's own helpers are in ``labs.dp``). What DDP needs
-comes in as context-manager factories such as ``ddp_model.no_sync``: ``skip_grad_sync``
-skips the gradient all-reduce on the micro-steps of gradient accumulation, and
-``time_compute_only`` times extra steps inside one. ``evaluate`` adds up its counts with
+The step itself (forward under autocast, loss, backward, optimizer step) is in each
+script, where DDP's part of it can be seen. Here: the settings every run resolves the
+same way (AMP, backends, optimizer, learning-rate rule, schedule checks) and ``Trainer``,
+which hands the script one ``Step`` after another (``Trainer.steps``) and keeps the
+timing, the learning-rate warmup, the progress bar and fault injection out of sight.
+It knows nothing of DataParallel or DDP: ``evaluate`` adds up its counts with
 ``reduce_sum`` when one is given (04: ``distributed.all_reduce_sum``), so that every
 validation image counts once over all ranks.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import threading
 import time
-from typing import Callable, ContextManager
+from typing import Callable
 
 import torch
 from torch import nn
@@ -135,62 +135,67 @@ def check_schedule(steps: int, epochs: int, warmup_steps: int, what: str) -> Non
                          f"{epochs} epoch(s) of {steps} step(s); lower it or run longer")
 
 
+class Step:
+    """One optimizer step as the script's ``train_step`` sees it: ``micro_batches()`` draws
+    ``grad_accum_steps`` batches from the loader, each moved to the device in the model's
+    memory layout (the wait for the loader is timed), and says which one is the last;
+    ``add_loss`` adds a micro-batch's loss to the epoch's sum on the device (no host sync)."""
+
+    def __init__(self, batches, grad_accum_steps: int, device: torch.device,
+                 memory_format: torch.memory_format, loss_sum: torch.Tensor):
+        self.grad_accum_steps = grad_accum_steps
+        self.last_micro_batch = False
+        self.data_wait_s = 0.0
+        self._batches = batches
+        self._device = device
+        self._memory_format = memory_format
+        self._loss_sum = loss_sum
+
+    def micro_batches(self):
+        for micro in range(self.grad_accum_steps):
+            started = time.perf_counter()
+            images, labels = next(self._batches)
+            self.data_wait_s += time.perf_counter() - started
+            self.last_micro_batch = micro == self.grad_accum_steps - 1
+            yield (images.to(self._device, non_blocking=True, memory_format=self._memory_format),
+                   labels.to(self._device, non_blocking=True))
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        self._loss_sum += loss.detach()
+
+
 class Trainer:
-    """Runs epochs of SGD on (model, loader), feeding a Meter."""
+    """What surrounds the scripts' training step: the epoch's steps (learning-rate warmup,
+    timing into a Meter, the progress bar, LAB_FAULT), evaluation, and the compute-only
+    steps of 04's communication probe."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  device: torch.device, *, amp: str, channels_last: bool,
                  grad_accum_steps: int, meter: Meter, steps_per_epoch: int, epochs: int,
-                 skip_grad_sync: Callable[[], ContextManager] | None = None,
                  reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  lr_warmup_steps: int = 0, show_progress: bool = True):
         self.model = model
         self.optimizer = optimizer
         self.device = device
         self.dtype = autocast_dtype(amp)
-        # GradScaler keeps fp16 gradients from underflowing; bf16 has fp32's range.
-        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.grad_accum_steps = grad_accum_steps
         self.meter = meter
         self.steps_per_epoch = steps_per_epoch
         self.epochs = epochs
-        self.skip_grad_sync = skip_grad_sync
         self.reduce_sum = reduce_sum
         self.lr_warmup_steps = lr_warmup_steps
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self.show_progress = show_progress
-        self.criterion = nn.CrossEntropyLoss()
-        faults.install(self)  # LAB_FAULT (tests): crashes, OOMs and signals at a chosen step
+        self.fault = faults.from_env()  # LAB_FAULT (tests): a crash, OOM or signal at a step
 
-    def _micro_step(self, images, labels, last_micro_step: bool) -> torch.Tensor:
-        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-        labels = labels.to(self.device, non_blocking=True)
-        no_sync = (self.skip_grad_sync is not None and not last_micro_step)
-        with (self.skip_grad_sync() if no_sync else contextlib.nullcontext()):
-            with torch.autocast(self.device.type, dtype=self.dtype,
-                                enabled=self.dtype is not None):
-                loss = self.criterion(self.model(images), labels) / self.grad_accum_steps
-            self.scaler.scale(loss).backward()
-        return loss.detach()
+    def _step(self, batches, loss_sum: torch.Tensor) -> Step:
+        return Step(batches, self.grad_accum_steps, self.device, self.memory_format, loss_sum)
 
-    def step(self, batches, loss_sum: torch.Tensor) -> None:
-        """One optimizer step (``grad_accum_steps`` micro-batches); adds its loss to
-        ``loss_sum`` on the device (no host sync)."""
-        data_wait = 0.0
-        for micro in range(self.grad_accum_steps):
-            started = time.perf_counter()
-            images, labels = next(batches)
-            data_wait += time.perf_counter() - started
-            loss_sum += self._micro_step(images, labels, micro == self.grad_accum_steps - 1)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.meter.end_step(data_wait)
-
-    def train_one_epoch(self, loader, epoch: int) -> float:
-        """One epoch; returns the mean loss (read once, at the end: one host sync)."""
-        self.model.train()
+    def steps(self, loader, epoch: int):
+        """The epoch's optimizer steps, one ``Step`` each for the script to train on. Around
+        each: the learning rate (warmup), the step's time into the meter, the progress
+        bar; after the last, the epoch's mean loss (read once: one host sync)."""
         meter = self.meter
         meter.start_epoch()
         batches = iter(loader)
@@ -198,17 +203,21 @@ class Trainer:
         progress = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}",
                         unit="step", disable=not self.show_progress, dynamic_ncols=True,
                         leave=True)
-        for i in range(self.steps_per_epoch):
-            self._set_lr(epoch * self.steps_per_epoch + i)
-            self.step(batches, loss_sum)
-            progress.update()
-        mean_loss = loss_sum / self.steps_per_epoch
-        meter.end_epoch(mean_loss)
-        loss = meter.loss_per_epoch[-1]
-        progress.set_postfix_str(f"loss {loss:.4f}" if math.isfinite(loss) else "loss nan")
-        progress.close()
-        del batches  # stop this epoch's workers before the next epoch starts its own
-        return loss
+        try:
+            for i in range(self.steps_per_epoch):
+                self._set_lr(epoch * self.steps_per_epoch + i)
+                if self.fault is not None:
+                    self.fault.maybe_fire(meter.steps_done)
+                step = self._step(batches, loss_sum)
+                yield step
+                meter.end_step(step.data_wait_s)
+                progress.update()
+            meter.end_epoch(loss_sum / self.steps_per_epoch)
+            loss = meter.loss_per_epoch[-1]
+            progress.set_postfix_str(f"loss {loss:.4f}" if math.isfinite(loss) else "loss nan")
+        finally:
+            progress.close()
+            del batches  # stop this epoch's workers before the next epoch starts its own
 
     def _set_lr(self, step: int) -> None:
         """Linear warmup: step k (from 0, counted over the whole run, so a resumed run
@@ -249,20 +258,19 @@ class Trainer:
                                    loss=loss_sum / count if count else None,
                                    samples=int(count))
 
-    def time_compute_only(self, loader, inside: Callable[[], ContextManager],
-                          steps: int = COMPUTE_ONLY_STEPS,
-                          warmup_steps: int = COMPUTE_ONLY_WARMUP) -> None:
-        """After training: ``steps`` more steps of the same work on the same data, all of
-        them inside ``inside()`` (DDP's ``no_sync``: compute without the gradient
-        all-reduce), timed apart in the meter. The ranks' weights drift apart during these
-        steps, so nothing may be saved after them."""
+    def compute_only_steps(self, loader, steps: int = COMPUTE_ONLY_STEPS,
+                           warmup_steps: int = COMPUTE_ONLY_WARMUP):
+        """After training: ``warmup_steps + steps`` more steps on the same data, timed apart
+        in the meter, for 04 to run inside DDP's ``no_sync`` (compute without the gradient
+        all-reduce). The ranks' weights drift apart during them: nothing may be saved after."""
         self.model.train()
         self.meter.start_compute_only(warmup_steps)
+        batches = _endless(loader)
         loss_sum = torch.zeros((), device=self.device)  # not reported: these steps don't train
-        with inside():
-            batches = _endless(loader)
-            for _ in range(warmup_steps + steps):
-                self.step(batches, loss_sum)
+        for _ in range(warmup_steps + steps):
+            step = self._step(batches, loss_sum)
+            yield step
+            self.meter.end_step(step.data_wait_s)
         self.meter.end_compute_only()
 
 

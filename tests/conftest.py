@@ -62,6 +62,16 @@ def run_script(script: str, *args: str, timeout: float = 120, env: dict | None =
 _MODULES: dict[str, object] = {}
 
 
+def load_script(script: str):
+    """A numbered script as a module (its ``main`` not run): for the tests that drive its
+    own ``train_step`` or call ``main`` in this process."""
+    if script not in _MODULES:
+        spec = importlib.util.spec_from_file_location(f"lab_step{script[:2]}", REPO / script)
+        _MODULES[script] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_MODULES[script])
+    return _MODULES[script]
+
+
 def run_in_process(script: str, argv: list[str]) -> subprocess.CompletedProcess:
     """``python SCRIPT ARGV`` without a new interpreter: cli.run(main) with sys.argv,
     the environment and stdout/stderr swapped for the call. For input a step refuses:
@@ -71,17 +81,14 @@ def run_in_process(script: str, argv: list[str]) -> subprocess.CompletedProcess:
 
     from labs import cli
 
-    if script not in _MODULES:
-        spec = importlib.util.spec_from_file_location(f"lab_step{script[:2]}", REPO / script)
-        _MODULES[script] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(_MODULES[script])
+    module = load_script(script)
     out, err = io.StringIO(), io.StringIO()
     code = 0
     with mock.patch.object(sys, "argv", [script, *argv]), \
             mock.patch.dict(os.environ, lab_env(), clear=True), \
             contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            cli.run(_MODULES[script].main)
+            cli.run(module.main)
         except SystemExit as exit_:
             code = exit_.code
         finally:

@@ -38,7 +38,8 @@ def loader_for(args, *, seed_sampler: bool = True, num_workers: int = 0, batch_s
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(args.seed))
     else:
         sampler = SequentialSampler(dataset)
-    return data.build_loader(dataset, args, sampler, CPU, batch_size, num_workers)
+    args.batch_size = batch_size
+    return data.build_loader(dataset, args, sampler, CPU, num_workers)
 
 
 def assert_batch(images, labels, batch_size: int, num_classes: int):
@@ -170,7 +171,8 @@ def test_imagefolder(tmp_path, layout):
     dataset = data.build_dataset(args, CPU)
     assert len(dataset) == 6
     assert dataset.classes == ["cat", "dog"]  # train/, not val/ nor the root itself
-    loader = data.build_loader(dataset, args, SequentialSampler(dataset), CPU, 3, 0)
+    args.batch_size = 3
+    loader = data.build_loader(dataset, args, SequentialSampler(dataset), CPU, 0)
     batches = first_batches(loader, 2)
     assert len(batches) == 2
     for images, labels in batches:

@@ -3,7 +3,8 @@
 The module starts its ranks once (torch.multiprocessing.spawn; a rank costs a torch import,
 seconds on a small CPU): they meet through a FileStore in pytest's tmp_path (no port to
 collide on), over gloo with one thread per rank, and run every scenario below one after
-the other in one process group. They train with the lab's own pieces: labs.train.Trainer,
+the other in one process group. They train with the lab's own pieces: 04's ``train_step``
+(02's for the one process, and for accumulating without no_sync), labs.train.Trainer,
 labs.train.build_optimizer and DDP wrapped as 04 wraps it (gradient_as_bucket_view, small
 buckets so there are several). The tests then compare what each rank saved.
 
@@ -24,12 +25,16 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from conftest import load_script
 from labs import data, distributed, train
 from labs.measure import Meter
 
+STEP_02 = load_script("02_baseline_single_gpu.py").train_step
+STEP_04 = load_script("04_ddp_training.py").train_step
+
 BATCH_PER_RANK = 4
 WORLD = 3  # not a power of two: the validation set below splits unevenly over the ranks
-SCENARIOS = {  # name: (micro-batches per optimizer step, skip the all-reduce with no_sync?)
+SCENARIOS = {  # name: (micro-batches per optimizer step, 04's step with no_sync, or 02's?)
     "one-step": (1, True),
     "accumulated": (2, True),
     "accumulated-without-no-sync": (2, False),
@@ -59,7 +64,7 @@ def rows_for(rank: int, micro: int):
     return slice(start, start + BATCH_PER_RANK)
 
 
-def one_step(model, micro_batches: int, batches, skip_grad_sync=None) -> nn.Module:
+def one_step(model, micro_batches: int, batches, train_step=STEP_02) -> nn.Module:
     device = torch.device("cpu")
     # Same learning rate as the single process: DDP averages gradients over ranks, and
     # the loss is a mean over each rank's batch, so the averaged gradient is the gradient
@@ -68,8 +73,10 @@ def one_step(model, micro_batches: int, batches, skip_grad_sync=None) -> nn.Modu
     meter = Meter(device, warmup_steps=0, samples_per_step=BATCH_PER_RANK * micro_batches)
     trainer = train.Trainer(model, optimizer, device, amp="off", channels_last=False,
                             grad_accum_steps=micro_batches, meter=meter, steps_per_epoch=1,
-                            epochs=1, skip_grad_sync=skip_grad_sync, show_progress=False)
-    trainer.train_one_epoch(batches, epoch=0)
+                            epochs=1, show_progress=False)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for step in trainer.steps(batches, epoch=0):
+        train_step(model, optimizer, scaler, step, None)
     return model
 
 
@@ -89,8 +96,7 @@ def train_on_rank(rank: int, micro_batches: int, use_no_sync: bool) -> dict:
     images, labels = global_batch(micro_batches)
     batches = [(images[rows_for(rank, m)], labels[rows_for(rank, m)])
                for m in range(micro_batches)]
-    one_step(model, micro_batches, batches,
-             skip_grad_sync=model.no_sync if use_no_sync else None)
+    one_step(model, micro_batches, batches, STEP_04 if use_no_sync else STEP_02)
     return {"state": model.module.state_dict(), "all_reduces": all_reduces["count"]}
 
 

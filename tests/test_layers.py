@@ -43,7 +43,7 @@ REPORT_ORDER = ("output", "analysis", "loading", "environment", "machines", "plo
 BUDGET = {
     "errors": 20, "fmt": 110, "files": 160, "contract": 280, "bandwidth": 80,
     "launcher_env": 200, "compat": 30, "envinfo": 200, "models": 60, "faults": 110,
-    "cli": 480, "measure": 500, "console": 110, "data": 620, "dp": 80, "train": 320,
+    "cli": 480, "measure": 500, "console": 110, "data": 640, "dp": 80, "train": 320,
     "distributed": 450, "results": 310, "launch": 240, "probes": 540, "runner": 310,
     "__main__": 40, "__init__": 20,
     "report.__init__": 30, "report.output": 170, "report.analysis": 740,

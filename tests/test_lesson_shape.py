@@ -56,7 +56,7 @@ def test_the_diff_is_the_lesson_not_plumbing(script):
     """The ddp-tutorial-series' single -> multi-GPU diff is about 40 lines, all DDP."""
     code = [line for line in added_lines(script) if line.strip()
             and not line.strip().startswith("#")]
-    limit = {"04_ddp_training.py": 60, "03_dataparallel_training.py": 25}[script]
+    limit = {"04_ddp_training.py": 42, "03_dataparallel_training.py": 16}[script]
     assert len(code) <= limit, f"{script} adds {len(code)} lines to {BASELINE}"
 
 
@@ -75,7 +75,8 @@ def test_the_check_can_fail():
 def test_the_marker_grep_is_the_index(script):
     """`grep -c MARKER` counts the changed code lines, give or take the allowlist."""
     lines = (REPO / script).read_text(encoding="utf-8").splitlines()
-    marked = sum(MARKER[script] in line for line in lines)
+    marked = sum(MARKER[script] in line and not line.strip().startswith("#")
+                 for line in lines)  # a comment line explaining the next is no change
     code = [line for line in added_lines(script) if line.strip()
             and not line.strip().startswith("#")]
     assert abs(marked - len(code)) <= len(ALLOWED[script]) + 1

@@ -44,7 +44,8 @@ def first_batch(args, rank: int, workers: int = 0, global_seed: int | None = Non
     """Rank ``rank``'s first batch, built as 04 builds it in that rank's process."""
     torch.manual_seed(args.seed if global_seed is None else global_seed)  # as 04 does
     dataset = data.build_dataset(args, CPU)  # each rank builds its own
-    loader = data.build_loader(dataset, args, SameIndices(), CPU, BATCH, workers, rank=rank)
+    args.batch_size = BATCH
+    loader = data.build_loader(dataset, args, SameIndices(), CPU, workers, rank=rank)
     images, labels = next(iter(loader))
     del loader  # ends a worker now rather than at garbage collection
     return images.clone(), labels.clone()

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from labs import cli, envinfo, files, results
+from labs import cli, distributed, files, results
 from labs.compat import OutOfMemoryError
 from labs.errors import UsageError
+from labs.launcher_env import Ranks
 from labs.measure import Meter
 from labs.files import write_json_atomic
 from labs.results import MAX_RESULT_BYTES, SCHEMA_VERSION, load_result
@@ -34,9 +35,7 @@ def make_run(results_dir: Path, *extra: str) -> results.Run:
     config = results.config_from_args(
         args, per_device_batch_size=args.batch_size, global_batch_size=args.batch_size,
         steps_per_epoch=5, amp="off", lr=0.1, num_workers=0)
-    world = {"world_size": 1, "nnodes": 1, "backend": None,
-             "devices": [envinfo.device_entry(CPU)]}
-    return results.Run("02_baseline", args, strategy="single", config=config, world=world)
+    return results.Run("02_baseline", args, strategy="single", config=config, devices=[CPU])
 
 
 def measured_meter(steps: int = 4, warmup: int = 1, loss: float = 1.5) -> Meter:
@@ -58,7 +57,7 @@ def all_files(folder: Path) -> list[Path]:
 def valid_record(tmp_path_factory) -> dict:
     """A valid run record, written and read back once for the module."""
     folder = tmp_path_factory.mktemp("valid")
-    path = make_run(folder).write([measured_meter().rank_summary()])
+    path = make_run(folder).write(measured_meter())
     return json.loads(path.read_text())
 
 
@@ -73,7 +72,7 @@ def write_record(folder: Path, record, name="r.json") -> Path:
 def test_run_write_round_trips_through_load_result(results_dir):
     run = make_run(results_dir, "--run-name", "round trip")
     meter = measured_meter(steps=4, warmup=1)
-    path = run.write([meter.rank_summary()])
+    path = run.write(meter)
     assert path.parent == results_dir
     assert all_files(results_dir) == [path]  # no temporary file left behind
     loaded = load_result(path)
@@ -99,9 +98,9 @@ def test_run_write_round_trips_through_load_result(results_dir):
 
 
 def test_two_writes_never_overwrite(results_dir):
-    first = make_run(results_dir, "--run-name", "same").write([measured_meter().rank_summary()])
+    first = make_run(results_dir, "--run-name", "same").write(measured_meter())
     before = first.read_bytes()
-    second = make_run(results_dir, "--run-name", "same").write([measured_meter().rank_summary()])
+    second = make_run(results_dir, "--run-name", "same").write(measured_meter())
     assert first != second
     assert sorted(results_dir.glob("*.json")) == sorted([first, second])
     assert first.read_bytes() == before
@@ -134,7 +133,7 @@ def test_write_json_atomic_overwrite_replaces(tmp_path):
 
 def test_nan_and_infinity_become_null(results_dir):
     meter = measured_meter(loss=float("nan"))
-    path = make_run(results_dir).write([meter.rank_summary()])
+    path = make_run(results_dir).write(meter)
     text = path.read_text()
     assert "NaN" not in text and "Infinity" not in text
     record = json.loads(text)
@@ -147,7 +146,7 @@ def test_nan_and_infinity_become_null(results_dir):
 
 def test_a_run_that_measured_nothing_is_not_ok(results_dir):
     meter = measured_meter(steps=2, warmup=5)
-    path = make_run(results_dir).write([meter.rank_summary()])
+    path = make_run(results_dir).write(meter)
     loaded = load_result(path)
     assert loaded.ok, loaded.reason
     assert loaded.record["status"] == "failed"
@@ -367,9 +366,19 @@ def test_guard_without_an_exception_writes_nothing(results_dir):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_a_non_writer_rank_writes_nothing(results_dir):
-    args = make_args(results_dir)
-    run = results.Run("04_ddp", args, strategy="ddp", config={}, world={"world_size": 2},
-                      writer=False)
-    assert run.write([measured_meter().rank_summary()]) is None
+def test_a_non_writer_rank_writes_nothing(results_dir, monkeypatch):
+    """Rank 1 of two sends its measurements to rank 0 and writes no file of its own (the
+    collectives stood in for: no process group here)."""
+    sent = []
+    monkeypatch.setattr(distributed, "describe_world", lambda *a: {"world_size": 2})
+    monkeypatch.setattr(distributed, "ddp_settings", lambda *a: {"backend": "gloo"})
+    monkeypatch.setattr(distributed, "launch_notes", lambda *a: [])
+    monkeypatch.setattr(distributed, "PeerReports", lambda rank, world_size: None)
+    monkeypatch.setattr(distributed, "gather_to_rank0", lambda obj: sent.append(obj))
+    ranks = Ranks(rank=1, local_rank=1, world_size=2, local_world_size=2, nnodes=1,
+                  launcher="env", restart_count=0)
+    run = results.Run("04_ddp", make_args(results_dir), strategy="ddp", config={},
+                      devices=[CPU], ranks=ranks, backend="gloo", model=None, resumed=None)
+    assert run.write(measured_meter()) is None
     assert all_files(results_dir) == []
+    assert [summary["rank"] for summary in sent] == [1]
