@@ -95,6 +95,7 @@ def main() -> None:
               f"driver and CUDA_VISIBLE_DEVICES)", file=sys.stderr)
         sys.exit(1)
     files.ensure_writable_dir(args.results_dir)  # an unwritable folder is bad usage: status 2
+    files.check_file_can_be_replaced(args.results_dir / "environment.json")
 
     notes: list[str] = []
     environment = envinfo.collect()

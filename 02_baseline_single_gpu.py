@@ -57,8 +57,9 @@ def main() -> None:
     steps = train.steps_per_epoch(len(loader), args.grad_accum_steps, args.steps_per_epoch)
     train.check_schedule(steps, args.epochs, args.warmup_steps, f"{len(dataset)} images")
 
-    model = models.build_model(args.model, args.num_classes)
+    model = models.build_model(args.model, args.num_classes, args.img_size)
     model = train.to_device(model, device, args.channels_last)
+    train.check_trains(model, args, [device], dtype)  # one step's shapes, tried now
     if args.compile:
         model = torch.compile(model)
     samples_per_step = args.batch_size * args.grad_accum_steps

@@ -63,8 +63,9 @@ def main() -> None:
     steps = train.steps_per_epoch(len(loader), args.grad_accum_steps, args.steps_per_epoch)
     train.check_schedule(steps, args.epochs, args.warmup_steps, f"{len(dataset)} images")
 
-    model = models.build_model(args.model, args.num_classes)
+    model = models.build_model(args.model, args.num_classes, args.img_size)
     model = train.to_device(model, device, args.channels_last)
+    train.check_trains(model, args, devices, dtype)  # DP: with each GPU's share
     model = dp.AutocastForward(model, device.type, dtype)  # DP: replica threads default to fp16
     model = torch.nn.DataParallel(model, device_ids=gpu_ids or None,  # DP: scatter each batch,
                                   output_device=gpu_ids[0] if gpu_ids else None)  # DP: gather

@@ -71,10 +71,11 @@ def main() -> None:
     steps = train.steps_per_epoch(len(loader), args.grad_accum_steps, args.steps_per_epoch)
     train.check_schedule(steps, args.epochs, args.warmup_steps, f"{len(dataset)} images")
 
-    model = models.build_model(args.model, args.num_classes)
+    model = models.build_model(args.model, args.num_classes, args.img_size)
     if args.sync_bn:  # DDP: batch-norm statistics over the global batch, not per rank
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # DDP:
     model = train.to_device(model, device, args.channels_last)
+    train.check_trains(model, args, [device], dtype)  # one step's shapes, tried now
     raw_model = model  # DDP: the unwrapped module, for checkpoints
     model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,  # DDP:
                 **distributed.ddp_kwargs(args))  # DDP: all-reduce in buckets during backward

@@ -20,6 +20,7 @@ from typing import Callable
 
 from labs.contract import LAB_NAMES
 from labs.errors import UsageError, first_line
+from labs.files import check_folder_can_be_made
 from labs.launcher_env import env_int
 
 AMP_CHOICES = ("auto", "off", "fp16", "bf16")
@@ -349,6 +350,8 @@ def check_values(args: argparse.Namespace) -> None:
     if getattr(args, "resume", None) and args.resume != "auto":
         if not Path(args.resume).is_file():
             raise UsageError(f"--resume {args.resume}: no such checkpoint file")
+    if getattr(args, "checkpoint_every", 0) or getattr(args, "resume", None) == "auto":
+        check_folder_can_be_made(args.checkpoint_dir, "--checkpoint-dir")
     if getattr(args, "static_graph", False) and args.grad_accum_steps > 1:
         # DDP's static graph expects every backward to all-reduce; no_sync skips some.
         raise UsageError("--static-graph cannot be combined with --grad-accum-steps > 1 "
@@ -406,9 +409,57 @@ def check_early(parse_args: Callable[..., object], *args, **kwargs) -> None:
     run(lambda: parse_args(*args, **kwargs))
 
 
+class _ReaderMayLeave:
+    """stdout or stderr, such that a reader who left (``| head -1``, a pager quit, an SSH
+    session gone) costs the output, never the run: after a broken pipe the stream writes
+    to os.devnull. Also at exit, when Python flushes it one last time."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):  # no file descriptor (a StringIO)
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def protect_output() -> None:
+    """A closed stdout or stderr, or one whose encoding lacks a character the lab prints
+    (cp1252 and "━"), never fails a run: the reader's loss, not the run's."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None or isinstance(stream, _ReaderMayLeave):
+            continue
+        try:
+            stream.reconfigure(errors="replace")
+        except (AttributeError, ValueError):  # not a text file (a test's StringIO)
+            pass
+        setattr(sys, name, _ReaderMayLeave(stream))
+
+
 def run(main) -> None:
     """Run a step's main(); a UsageError becomes one line on stderr and exit status 2."""
     prog = Path(sys.argv[0]).name
+    protect_output()
     try:
         main()
     except UsageError as err:

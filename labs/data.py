@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -32,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from labs import envinfo
 from labs.errors import UsageError
+from labs.image_check import check_readable
 from labs.launcher_env import Ranks, env_int
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -376,7 +379,16 @@ def build_dataset(args, device: torch.device) -> Dataset:
         candidates = [i for i in candidates if i not in held]
     chosen = balanced_subset(targets, args.dataset_size, _stream(args.seed, "train"),
                              among=candidates)
+    _check_files(base, chosen, f"--data-dir {args.data_dir}")
     return LocalSplit(base, chosen, train_transforms(args.img_size))
+
+
+def _check_files(base, indices, where: str) -> None:
+    """An image folder's chosen images, checked before training (CIFAR-10's batches
+    are checked by torchvision when they load)."""
+    samples = getattr(base, "samples", None)
+    if samples is not None:
+        check_readable([samples[i][0] for i in indices], where)
 
 
 def _stream(seed: int, split: str) -> int:
@@ -392,12 +404,28 @@ def _held_out_of_training(args) -> bool:
 
 def hold_out(targets: list[int], args) -> list[int]:
     """The validation images held out of an image folder without val/: --val-size of them,
-    at most HOLD_OUT_MAX_SHARE of the folder, class-balanced, chosen with the seed."""
-    size = min(args.val_size, int(len(targets) * HOLD_OUT_MAX_SHARE))
+    at most HOLD_OUT_MAX_SHARE of the folder, class-balanced, chosen with the seed. One
+    image of every class always stays for training (a class never trained cannot be
+    validated fairly): a class of one image is not validated, and that is said."""
+    stream = _stream(args.seed, "val")
+    kept = set(balanced_subset(targets, len(set(targets)), stream + 1))  # one per class
+    among = [i for i in range(len(targets)) if i not in kept]
+    size = min(args.val_size, int(len(targets) * HOLD_OUT_MAX_SHARE), len(among))
     if size < 1:
         raise UsageError(f"--data-dir {args.data_dir}: {len(targets)} image(s) are too few "
                          f"to hold some out for validation; add images or use --no-eval")
-    return balanced_subset(targets, size, _stream(args.seed, "val"))
+    lonely = sorted(set(targets) - {targets[i] for i in among})
+    if lonely:
+        _note_once(f"note: {len(lonely)} class(es) of --data-dir {args.data_dir} have one "
+                   f"image, kept for training, so not validated (class index {lonely[:5]})")
+    return balanced_subset(targets, size, stream, among=among)
+
+
+@functools.lru_cache(maxsize=None)
+def _note_once(text: str) -> None:
+    """Said once per process (the hold-out is computed for both splits), by rank 0."""
+    if os.environ.get("RANK", "0") == "0":
+        print(text, file=sys.stderr)
 
 
 def _val_root(data_dir) -> Path | None:
@@ -431,10 +459,20 @@ def _local_files(kind: str, data_dir: str, train: bool):
 
 
 def _check_classes(base, args) -> None:
+    """A data set a classifier can learn from and the report can score: two classes at
+    least, no more than --num-classes, and a training image of every class (a
+    --dataset-size below the class count would validate classes never trained)."""
     classes = len(base.classes)
+    if classes < 2:
+        raise UsageError(f"--data-dir {args.data_dir}: one class ({base.classes[0]!r}); a "
+                         f"classifier needs two or more class folders")
     if classes > args.num_classes:
         raise UsageError(f"the data set has {classes} classes but --num-classes is "
                          f"{args.num_classes}")
+    if args.dataset_size < classes:
+        raise UsageError(f"--dataset-size {args.dataset_size} is fewer than the {classes} "
+                         f"classes of --data-dir: every class needs a training image; use "
+                         f"--dataset-size {classes} or more")
 
 
 def _targets(base) -> list[int]:
@@ -452,7 +490,12 @@ class LocalSplit(Dataset):
         return len(self.indices)
 
     def __getitem__(self, index: int):
-        image, target = self.base[self.indices[index]]
+        i = self.indices[index]
+        try:
+            image, target = self.base[i]
+        except OSError as err:  # damaged after the check: name the file at least
+            path = self.base.samples[i][0] if hasattr(self.base, "samples") else i
+            raise OSError(f"cannot read image {path}: {err}") from err
         return self.transform(image), target
 
     @property
@@ -516,8 +559,9 @@ def build_val_dataset(args, device: torch.device) -> Dataset | None:
             random_offset=2**40 + args.seed * args.val_size)  # never a training image
     elif _held_out_of_training(args):
         base = _local_files(args.data, str(args.data_dir), train=True)
-        dataset = LocalSplit(base, hold_out(_targets(base), args),
-                             eval_transforms(args.img_size))
+        held = hold_out(_targets(base), args)
+        _check_files(base, held, f"--data-dir {args.data_dir}")
+        dataset = LocalSplit(base, held, eval_transforms(args.img_size))
     else:  # cifar10's test batch, or an image folder's val/
         base = _local_files(args.data, str(args.data_dir), train=False)
         train_base = _local_files(args.data, str(args.data_dir), train=True)
@@ -526,6 +570,7 @@ def build_val_dataset(args, device: torch.device) -> Dataset | None:
                              f"train/ ({len(base.classes)} vs {len(train_base.classes)}); "
                              f"give it the same class folders, or use --no-eval")
         chosen = balanced_subset(_targets(base), args.val_size, _stream(args.seed, "val"))
+        _check_files(base, chosen, f"--data-dir {args.data_dir} (validation)")
         dataset = LocalSplit(base, chosen, eval_transforms(args.img_size))
     args.val_size = len(dataset)
     return dataset

@@ -122,6 +122,28 @@ def ensure_writable_dir(folder: Path) -> Path:
     return folder
 
 
+def check_folder_can_be_made(folder: Path, flag: str) -> None:
+    """Refuse now a folder that will be written later (checkpoints): one that is a file,
+    or whose nearest existing parent cannot be written. Nothing is created here."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{flag} {folder} is a file, not a folder; name a folder (it is "
+                         f"created when needed)")
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {folder}: {existing} is a file, not a folder")
+    reason = unwritable_reason(existing)
+    if reason is not None:
+        raise UsageError(f"{flag} {folder}: cannot write in {existing}: {reason}")
+
+
+def check_file_can_be_replaced(path: Path) -> None:
+    """Refuse now a file path that is a folder (step 01's environment.json, say)."""
+    if Path(path).is_dir():
+        raise UsageError(f"cannot write {path}: it is a folder; move it away or choose "
+                         f"another folder")
+
+
 def write_json_atomic(data: dict, path: Path, *, overwrite: bool) -> Path:
     """``data`` as indented JSON, through write_atomic (readers never see half a
     file). NaN is refused: pass the record through ``_json_safe`` first."""

@@ -12,6 +12,7 @@ own after a torchrun restart, and NCCL's device binding.
 from __future__ import annotations
 
 import datetime
+import inspect
 import logging
 import os
 import signal
@@ -124,11 +125,12 @@ def _spawn(main: Callable[[], None], nproc: int) -> None:
     context = mp.start_processes(_rank, args=(main, nproc, threads_per_rank(nproc),
                                               usage_errors.name),
                                  nprocs=nproc, join=False, start_method="spawn")
-    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    stops = (signal.SIGTERM, signal.SIGHUP)  # a supervisor; a terminal that closed
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in stops}
     try:
-        while not context.join():
+        while not context.join(**_join_grace(context)):
             pass
-    except (KeyboardInterrupt, _Stop) as stop:  # Ctrl-C or SIGTERM: every rank stops too
+    except (KeyboardInterrupt, _Stop) as stop:  # Ctrl-C, SIGTERM, SIGHUP: every rank stops
         signum = stop.signum if isinstance(stop, _Stop) else signal.SIGINT
         _stop_ranks(context.processes, signum)
         sys.exit(128 + signum)
@@ -140,11 +142,28 @@ def _spawn(main: Callable[[], None], nproc: int) -> None:
               f"ranks were stopped", file=sys.stderr)
         sys.exit(err.exit_code if err.exit_code > 0 else 128 - err.exit_code)
     except mp.ProcessRaisedException as err:
-        print(f"04_ddp: rank {err.error_index} failed:\n{err}", file=sys.stderr)
+        if os.environ.get("LAB_TRACEBACK"):
+            print(f"04_ddp: rank {err.error_index} failed:\n{err}", file=sys.stderr)
+        else:  # the rank said what it recorded; the error's own last line says why
+            last = next(line for line in reversed(f"?\n{err}".splitlines()) if line.strip())
+            print(f"04_ddp: rank {err.error_index} failed ({last.strip()[:300]}); the other "
+                  f"ranks were stopped (LAB_TRACEBACK=1 shows its traceback)", file=sys.stderr)
         sys.exit(1)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         usage_errors.cleanup()
+
+
+# When one rank fails, the others get this long to end by themselves, then as long after
+# SIGTERM before SIGKILL. torch's default after SIGTERM is 30 s, which a rank that cannot
+# take SIGTERM (stopped, or stuck in C++) adds to the job (torch >= 2.5; older: 30 s).
+SHUTDOWN_GRACE_S = 3.0
+
+
+def _join_grace(context) -> dict:
+    parameters = inspect.signature(context.join).parameters
+    return {"grace_period": SHUTDOWN_GRACE_S} if "grace_period" in parameters else {}
 
 
 def how_it_ended(exit_code: int) -> str:
@@ -173,6 +192,7 @@ def _rank(local_rank: int, main: Callable[[], None], nproc: int, threads: int,
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     torch.set_num_threads(threads)
+    cli.protect_output()
     try:
         _main_with_plain_rendezvous_errors(main)
     except UsageError as err:
@@ -193,8 +213,8 @@ def _raise_stop(signum, frame):
 def _stop_ranks(processes, signum: int) -> None:
     """Pass a stop signal on to the ranks (a terminal's Ctrl-C reaches them by itself;
     ``kill`` of this process does not) and wait while they write what they measured."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second one must not
+        signal.signal(sig, signal.SIG_IGN)  # cut this short
     deadline = time.monotonic() + (2.0 if signum == signal.SIGINT else 0.0)
     for process in processes:
         process.join(max(0.0, deadline - time.monotonic()))

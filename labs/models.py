@@ -26,9 +26,13 @@ def check_model_name(name: str) -> None:
         raise UsageError(f"unknown model {name!r}: not a torchvision classification model{hint}")
 
 
-def build_model(name: str, num_classes: int) -> torch.nn.Module:
+def build_model(name: str, num_classes: int, img_size: int) -> torch.nn.Module:
+    """Randomly initialised; a vision transformer is built for ``img_size`` (torchvision's
+    default of 224 would refuse other sizes). ``train.check_trains`` then tries it."""
     check_model_name(name)
     kwargs = {"weights": None, "num_classes": num_classes}
+    if name.startswith("vit_"):
+        kwargs["image_size"] = img_size
     if name in _AUX_LOGITS:
         kwargs["aux_logits"] = False
         kwargs["init_weights"] = True

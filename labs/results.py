@@ -67,7 +67,14 @@ def _shared_run_id() -> str:
 
 
 class Interrupted(Exception):
-    """SIGTERM, turned into an exception so the guard can write what was measured."""
+    """SIGTERM or SIGHUP, turned into an exception so the guard can write what was
+    measured."""
+
+    def __init__(self, signum: int):
+        why = (" (the terminal closed: run long jobs under tmux, screen or nohup)"
+               if signum == signal.SIGHUP else "")
+        super().__init__(f"terminated by {signal.Signals(signum).name}{why}")
+        self.signum = signum
 
 
 class Run:
@@ -126,12 +133,14 @@ class Run:
 
     @contextlib.contextmanager
     def guard(self, meter):
-        """Turn OOM, Ctrl-C/SIGTERM and crashes into a written result with a status.
-        Under DDP a failing rank's reason reaches rank 0, which writes."""
-        def on_sigterm(signum, frame):
-            raise Interrupted("terminated by SIGTERM")
+        """Turn OOM, Ctrl-C, SIGTERM, SIGHUP and crashes into a written result with a
+        status. Under DDP a failing rank's reason reaches rank 0, which writes."""
+        def on_stop(signum, frame):
+            raise Interrupted(signum)
 
-        previous = signal.signal(signal.SIGTERM, on_sigterm), signal.getsignal(signal.SIGINT)
+        stops = (signal.SIGTERM, signal.SIGHUP)  # a supervisor; a terminal that closed
+        previous = {sig: signal.signal(sig, on_stop) for sig in stops}
+        previous[signal.SIGINT] = signal.getsignal(signal.SIGINT)
         try:
             yield
         except UsageError:
@@ -143,7 +152,7 @@ class Run:
             detail = first_line(err, "CUDA out of memory")
             self._fail(meter, Outcome("oom", 3, f"{reason}. ({detail})"))
         except (KeyboardInterrupt, Interrupted) as err:
-            code = 143 if isinstance(err, Interrupted) else 130
+            code = 128 + err.signum if isinstance(err, Interrupted) else 130
             orphaned = launcher_gone()
             self._fail(meter, Outcome("failed", code, orphaned) if orphaned else
                        Outcome("interrupted", code, str(err) or "Ctrl-C"))
@@ -151,14 +160,14 @@ class Run:
             self._fail(meter, Outcome("failed", 1, f"{type(err).__name__}: {err}"),
                        reraise=True)
         finally:
-            signal.signal(signal.SIGTERM, previous[0])
-            signal.signal(signal.SIGINT, previous[1])
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _fail(self, meter, outcome: Outcome, reraise: bool = False) -> None:
         # Stopping already: a second signal (the launcher stopping every rank after one
         # failed) must not cut the result short.
-        signal.signal(signal.SIGTERM, _ignore_signal)
-        signal.signal(signal.SIGINT, _ignore_signal)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, _ignore_signal)
         meter.flush()
         peers = self.peers
         rank = failed_rank = self.rank

@@ -359,8 +359,9 @@ def assert_interrupted_result(folder: Path) -> dict:
     return loaded.record
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
-                         ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130),
+                                          (signal.SIGHUP, 129)],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP-terminal-closed"])
 def test_signal_mid_run_writes_an_interrupted_result(tmp_path, signum, code):
     results = tmp_path / "r"
     run = Live([sys.executable, str(REPO / S02), *SMOKE, "--epochs", "50",
