@@ -410,9 +410,9 @@ def check_early(parse_args: Callable[..., object], *args, **kwargs) -> None:
 
 
 class _ReaderMayLeave:
-    """stdout or stderr, such that a reader who left (``| head -1``, a pager quit, an SSH
-    session gone) costs the output, never the run: after a broken pipe the stream writes
-    to os.devnull. Also at exit, when Python flushes it one last time."""
+    """stdout or stderr, such that a reader who left (``| head -1``, a pager quit: EPIPE;
+    an SSH session gone: EIO) costs the output, never the run: after a failed write the
+    stream writes to os.devnull. Also at exit, when Python flushes it one last time."""
 
     def __init__(self, stream):
         self._stream = stream
@@ -420,14 +420,14 @@ class _ReaderMayLeave:
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)
-        except BrokenPipeError:
+        except OSError:
             self._to_devnull()
             return len(text)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
-        except BrokenPipeError:
+        except OSError:
             self._to_devnull()
 
     def _to_devnull(self) -> None:

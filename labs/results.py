@@ -157,8 +157,12 @@ class Run:
             self._fail(meter, Outcome("failed", code, orphaned) if orphaned else
                        Outcome("interrupted", code, str(err) or "Ctrl-C"))
         except Exception as err:
-            self._fail(meter, Outcome("failed", 1, f"{type(err).__name__}: {err}"),
-                       reraise=True)
+            reason = f"{type(err).__name__}: {err}"
+            if self.distributed and re.search(r"timed? ?out", str(err), re.I):
+                reason = (f"another rank did not answer within --timeout-s "
+                          f"{self.record['config'].get('timeout_s')} (stopped, stuck or "
+                          f"dead): {reason}")
+            self._fail(meter, Outcome("failed", 1, reason), reraise=True)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

@@ -1,8 +1,11 @@
 """`python -m labs run`: the whole lab, 01 -> 05, sized to the machine it runs on.
 
 The runner only starts the numbered scripts as a student would (each in its own
-process, its output shown live) and reads nothing but their exit status; the scripts
-themselves write the results and the report. Plans by hardware:
+process, writing to the runner's own stdout and stderr, so their output is live) and
+reads nothing but their exit status; the scripts themselves write the results and the
+report. A stop signal (Ctrl-C, SIGTERM, SIGHUP) reaches the running step, which records
+what it measured; the runner waits for it, then exits with 128 + the signal's number.
+Plans by hardware:
 
 - no GPU: smoke-sized model on `--data shapes` (a task the model learns, so the report
   shows accuracy and time to accuracy for every method); 04 runs 2 processes over gloo;
@@ -18,15 +21,16 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from labs.cli import PRESETS, OneLineParser, positive_int
+from labs.cli import PRESETS, OneLineParser, positive_int, protect_output
 from labs.errors import UsageError
-from labs.files import ensure_writable_dir
+from labs.files import ensure_writable_dir, unwritable_reason
 
 REPO = Path(__file__).resolve().parent.parent
 STEP_NAMES = {
@@ -44,6 +48,13 @@ SCRIPTS = {
     "05": "05_performance_comparison.py",
 }
 TRAINING_STEPS = ("02", "03", "04")
+# A terminal's Ctrl-C and hangup, `timeout` and a kill of the process group reach the
+# running step too: it gets this long to stop by itself before the runner passes the
+# signal on, since a second signal could cut its result short.
+STOP_GRACE_S = 2.0
+# For a stopped step to write its result (04's launcher waits up to 60 s for its ranks),
+# then it is killed.
+STOP_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -69,14 +80,22 @@ class Plan:
 
 
 def parse_steps(text: str) -> list[str]:
-    steps = []
-    for part in text.split(","):
-        part = part.strip().zfill(2)
-        if part not in SCRIPTS:
-            raise UsageError(f"--steps {text}: expected step numbers from 01 to 05, "
-                             f"e.g. 02,04,05")
-        steps.append(part)
-    return sorted(set(steps))
+    steps = sorted({part.strip().zfill(2) for part in text.split(",")})
+    if not set(steps) <= set(SCRIPTS):
+        raise UsageError(f"--steps {text}: expected step numbers from 01 to 05, "
+                         f"e.g. 02,04,05")
+    return steps
+
+
+def parse_gpus(text: str) -> list[int]:
+    try:
+        gpus = [int(part) for part in text.split(",")]
+    except ValueError:
+        gpus = []
+    if not gpus or min(gpus) < 0 or len(set(gpus)) != len(gpus):
+        raise UsageError(f"--gpus {shlex.quote(text)}: expected distinct GPU indices such "
+                         f"as 0,1 (omit --gpus to use every visible GPU)")
+    return gpus
 
 
 def build_plan(args, gpu_count: int) -> Plan:
@@ -182,16 +201,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None):
     args = build_parser().parse_args(argv)
-    args.steps = parse_steps(args.steps)
+    steps = args.steps
+    args.steps = parse_steps(steps)
     if args.start is not None:
-        start = parse_steps(args.start)[0]
+        start = args.start.strip().zfill(2)
+        if start not in SCRIPTS:
+            raise UsageError(f"--from {args.start}: expected one step number from 01 to "
+                             f"05, e.g. --from 03")
         args.steps = [s for s in args.steps if s >= start]
+        if not args.steps:
+            raise UsageError(f"--from {args.start} comes after every step of --steps "
+                             f"{steps}: nothing to run")
     if args.gpus is not None:
-        try:
-            args.gpus = [int(g) for g in args.gpus.split(",") if g.strip()]
-        except ValueError:
-            raise UsageError(f"--gpus {args.gpus}: expected GPU indices such as 0,1") from None
+        args.gpus = parse_gpus(args.gpus)
     return args
+
+
+def check_report_path(report: Path) -> None:
+    """Step 05 refuses these only when it starts, after all the training: refuse now."""
+    if report.is_dir():
+        raise UsageError(f"--report {report} is a folder; give a file name")
+    folder = report.parent
+    if not folder.is_dir():
+        raise UsageError(f"--report {report}: folder {folder} does not exist")
+    reason = unwritable_reason(folder)
+    if reason is not None:
+        raise UsageError(f"--report {report}: cannot write in {folder}: {reason}")
 
 
 def _clock(seconds: float) -> str:
@@ -215,8 +250,59 @@ def resume_hint(args_argv: list[str], step: str) -> str:
     return shlex.join(["python", "-m", "labs", "run", *kept, "--from", step])
 
 
-def execute(plan: Plan, args, argv: list[str]) -> int:
-    """Run the plan; stop at the first failure and say how to resume. Returns a status."""
+class StopSignals:
+    """Records the first SIGINT (Ctrl-C), SIGTERM (a supervisor) or SIGHUP (a terminal
+    that closed) while installed: the running step is stopped with it, then the lab."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.received_at = 0.0
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(signum) != signal.SIG_IGN:  # nohup, `&`: ignored on purpose
+                self._previous[signum] = signal.signal(signum, self._receive)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _receive(self, signum, frame) -> None:
+        if self.signum is None:  # later signals change nothing: the step is stopping
+            self.signum, self.received_at = signum, time.monotonic()
+
+
+def run_step(command: Command, stop: StopSignals) -> int:
+    """The step's exit status. A stop signal is passed on to the step, which then has
+    time to write its result: no step is left running without the runner."""
+    process = subprocess.Popen(command.argv, cwd=Path.cwd(), env={**os.environ, **command.env})
+    passed_on_at = None
+    while True:
+        try:
+            return process.wait(timeout=0.2)
+        except subprocess.TimeoutExpired:
+            now = time.monotonic()
+        if stop.signum is not None and passed_on_at is None and \
+                now - stop.received_at >= STOP_GRACE_S:
+            process.send_signal(stop.signum)
+            passed_on_at = now
+        elif passed_on_at is not None and now - passed_on_at >= STOP_TIMEOUT_S:
+            process.kill()
+
+
+def stopped(signum: int, step: str, when: str, args, argv: list[str]) -> int:
+    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    print(f"\nlab: stopped by {name} {when}.\nThe results written so far are kept in "
+          f"{args.results_dir}. Resume with:\n  {resume_hint(argv, step)}", file=sys.stderr,
+          flush=True)
+    return 128 + signum
+
+
+def execute(plan: Plan, args, argv: list[str], stop: StopSignals) -> int:
+    """Run the plan; stop at the first failure or stop signal and say how to resume.
+    Returns a status."""
     print(f"lab: {plan.hardware}; preset {plan.preset or 'full (the lab commands)'}; "
           f"{len(plan.commands)} run(s); results in {args.results_dir}", flush=True)
     for note in plan.notes:
@@ -225,6 +311,9 @@ def execute(plan: Plan, args, argv: list[str]) -> int:
     done: list[tuple[Command, float, int]] = []
     for i, command in enumerate(plan.commands, 1):
         label = STEP_NAMES[command.step]
+        if stop.signum is not None:  # between two steps
+            return stopped(stop.signum, command.step, f"before step {command.step}", args,
+                           argv)
         repeat = f" (run {command.repeat_index + 1}/{args.repeat})" \
             if command.step in TRAINING_STEPS and args.repeat > 1 else ""
         print(f"\n━━ [{i}/{len(plan.commands)}] step {command.step}: {label}{repeat} · "
@@ -233,13 +322,12 @@ def execute(plan: Plan, args, argv: list[str]) -> int:
         if args.dry_run:
             continue
         step_started = time.monotonic()
-        try:
-            env = {**os.environ, **command.env}
-            status = subprocess.run(command.argv, cwd=Path.cwd(), env=env).returncode
-        except KeyboardInterrupt:
-            status = 130
+        status = run_step(command, stop)
         took = time.monotonic() - step_started
         done.append((command, took, status))
+        if status != 0 and stop.signum is not None:
+            return stopped(stop.signum, command.step, f"during step {command.step} "
+                           f"({label}) after {_clock(took)}", args, argv)
         if status != 0:
             print(f"\nlab: step {command.step} ({label}) failed with exit status {status} "
                   f"after {_clock(took)}.\nThe results of the earlier steps are kept in "
@@ -257,14 +345,18 @@ def execute(plan: Plan, args, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    protect_output()  # a closed or non-UTF-8 stdout costs the printing, never the lab
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     missing = [s for s in args.steps if not (REPO / SCRIPTS[s]).is_file()]
     if missing:
         raise UsageError(f"the lab's scripts are not beside the labs package ({REPO}); "
                          f"run from a checkout of the lab")
+    ensure_writable_dir(args.results_dir)  # bad folders fail now, not after the training
+    if "05" in args.steps:
+        check_report_path(args.report)
     from labs import envinfo  # torch: seconds to load, so not for --help or a bad option
 
-    ensure_writable_dir(args.results_dir)  # an unwritable folder fails now, before step 01
     plan = build_plan(args, envinfo.gpu_count())
-    return execute(plan, args, argv)
+    with StopSignals() as stop:
+        return execute(plan, args, argv, stop)

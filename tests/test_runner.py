@@ -127,6 +127,26 @@ def test_runner_bad_usage_is_one_line_and_exit_2(tmp_path, argv):
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--steps", "02", "--from", "05"], "--from 05 comes after every step of --steps 02"),
+    (["--from", "09"], "--from 09: expected one step number"),
+    (["--gpus=-1", "--dry-run"], "--gpus -1: expected distinct GPU indices"),
+    (["--gpus", "0,0", "--dry-run"], "--gpus 0,0: expected distinct GPU indices"),
+    # 05 alone would refuse these, but only after 01-04 (--quick-env: a short 01 before)
+    (["--steps", "01,05", "--quick-env", "--report", "no-such-folder/report.html"],
+     "folder no-such-folder does not exist"),
+    (["--steps", "01,05", "--quick-env", "--report", "."], "--report . is a folder"),
+])
+def test_a_selection_or_report_path_that_cannot_work_is_refused_before_step_01(tmp_path,
+                                                                               argv, says):
+    proc = lab_run(*argv, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-500:] + proc.stderr[-1000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("python -m labs run: error: ") and says in line
+    assert "step 01" not in proc.stdout
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
+
+
 def test_dry_run_prints_commands_and_runs_nothing(tmp_path):
     proc = lab_run("--dry-run", "--from", "03", cwd=tmp_path)
     assert proc.returncode == 0
