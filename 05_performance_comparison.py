@@ -5,8 +5,9 @@
         --output-report comparison_report.html
     python 05_performance_comparison.py --format md      # Markdown instead of HTML
 
-Each run is compared with the matching single-device run from step 02 (same model, image
-size, per-device batch, precision, layout, compile setting, data and device):
+Each run is compared with the matching single-device run from step 02 on the same
+machine (host, device model, torch version; same model, image size, per-device batch,
+precision, layout, compile setting and data):
 
     speedup             = throughput_N / throughput_baseline
     scaling efficiency  = throughput_N / (N x throughput_baseline)

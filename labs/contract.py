@@ -78,39 +78,97 @@ def _no_lone_surrogates(value):
     return value
 
 
+# Counts, where not null: non-negative integers, never true or false (Python's True is an
+# int). Times: a number there is finite and >= 0 ("[]": each entry; "*": a spread's values).
+COUNT_FIELDS = tuple(f"{block}.{name}" for block, names in (
+    ("config", "img_size num_classes dataset_size per_device_batch_size global_batch_size "
+               "grad_accum_steps epochs steps_per_epoch warmup_steps lr_warmup_steps seed "
+               "num_workers threads_per_process val_size gradient_bytes checkpoint_every "
+               "gpus.[] train_set.images train_set.classes"),
+    ("world", "nnodes local_world_size restart_count start_epoch"),
+    ("metrics", "warmup_steps global_samples_per_step slowest_rank per_rank.[].rank "
+                "per_rank.[].steps_measured per_device.[].index per_device.[].rank "
+                "eval.[].epoch eval.[].samples")) for name in names.split())
+TIME_FIELDS = ("config.timeout_s", *(f"metrics.{name}" for name in (
+    "epoch_time_s.[] step_time_s.* compute_only_step_time_s.* time_to_accuracy_s "
+    "per_rank.[].step_time_s.* per_rank.[].compute_only_step_time_s.* "
+    "per_rank.[].data_wait_s per_device.[].step_time_s eval.[].elapsed_s "
+    "eval.[].eval_time_s").split()))
+
+
+def _at(holder, keys: list[str], name: str = ""):
+    """(dotted name, value) of every value at ``keys`` under ``holder`` that is there."""
+    if not keys:
+        yield name, holder
+    elif keys[0] == "[]" and isinstance(holder, list):
+        for i, value in enumerate(holder):
+            yield from _at(value, keys[1:], f"{name}[{i}]")
+    elif isinstance(holder, dict):
+        for key in ("median", "p10", "p90") if keys[0] == "*" else keys[:1]:
+            if key in holder:
+                yield from _at(holder[key], keys[1:], f"{name}.{key}" if name else key)
+
+
+def count_problem(value, least: int = 0) -> str | None:
+    """Why ``value`` is not an integer of at least ``least`` (None: it is one)."""
+    if isinstance(value, (bool, float)) or value is None:  # as the file says it: true, 8.5
+        return f"is {json.dumps(value)}, not an integer"
+    if not isinstance(value, int):
+        return f"is {_type_name(value)}{_shown(value)}, not an integer"
+    if value < 0:
+        return f"is negative ({value})"
+    if value < least:
+        return f"is {value}, not a positive integer"
+    return None
+
+
+def time_problem(value) -> str | None:
+    """Why a number of seconds is impossible; a non-number is "not recorded" to the report."""
+    if _is_number(value) and not math.isfinite(value):
+        return f"is not a finite number ({value})"
+    return f"is negative ({value:g})" if _is_number(value) and value < 0 else None
+
+
 def validate_run(record: dict) -> list[str]:
     """Problems that make a dict not a valid run record (empty list: valid)."""
-    problems = []
-    for key in ("lab", "status", "run_id", "run_name", "started_at", "command", "config",
-                "world", "metrics"):
-        if key not in record:
-            problems.append(f"missing {key!r}")
+    problems = [f"missing {key!r}" for key in ("lab", "status", "run_id", "run_name",
+                                                "started_at", "command", "config", "world",
+                                                "metrics") if key not in record]
     if problems:
         return problems
     if record["lab"] not in LAB_NAMES:
         problems.append(f"unknown lab {record['lab']!r}")
     if record["status"] not in STATUSES:
         problems.append(f"unknown status {record['status']!r}")
-    config, world, metrics = record["config"], record["world"], record["metrics"]
+    config, metrics = record["config"], record["metrics"]
     if not isinstance(config, dict) or config.get("strategy") not in STRATEGIES:
         problems.append("config.strategy is missing or unknown")
-    if not isinstance(world, dict) or not isinstance(world.get("world_size"), int) \
-            or world["world_size"] < 1:
-        problems.append("world.world_size is missing or not a positive integer")
+    required = ["world.world_size"]
+    if record["status"] == "ok":
+        required.append("metrics.steps_measured")
+    for field in required:
+        found = [value for _, value in _at(record, field.split("."))]
+        why = count_problem(found[0], 1) if found else "is missing"
+        if why:
+            problems.append(f"{field} {why}")
     if not isinstance(metrics, dict):
         return problems + ["metrics is not an object"]
     if record["status"] == "ok":
         tp = metrics.get("throughput_img_s")
-        if not isinstance(tp, dict) or not all(_is_number(tp.get(k)) for k in
-                                               ("median", "p10", "p90", "mean")):
-            problems.append("metrics.throughput_img_s needs numeric median, p10, p90, mean")
+        if not isinstance(tp, dict) or not all(_is_number(tp.get(k)) and math.isfinite(tp[k])
+                                               for k in ("median", "p10", "p90", "mean")):
+            problems.append("metrics.throughput_img_s needs finite median, p10, p90, mean")
         elif not (0 < tp["p10"] <= tp["median"] <= tp["p90"]):
-            problems.append("metrics.throughput_img_s is not positive and ordered "
-                            "p10 <= median <= p90")
-        if not isinstance(metrics.get("steps_measured"), int) or metrics["steps_measured"] < 1:
-            problems.append("metrics.steps_measured must be a positive integer")
+            problems.append("metrics.throughput_img_s is not 0 < p10 <= median <= p90")
         if not isinstance(metrics.get("per_device"), list) or not metrics["per_device"]:
             problems.append("metrics.per_device must list at least one device")
+    # Counts that are no integers, times that are no durations, each named by its field.
+    for fields, problem in ((COUNT_FIELDS, count_problem), (TIME_FIELDS, time_problem)):
+        for path in fields:
+            for name, value in _at(record, path.split(".")):
+                why = problem(value) if value is not None else None
+                if why:
+                    problems.append(f"{name} {why}")
     return problems
 
 
@@ -146,10 +204,8 @@ def _field_problem(value, kind: str) -> str | None:
             f"is {_type_name(value)}{_shown(value)}, not true or false"
     if not _is_number(value):
         return f"is {_type_name(value)}{_shown(value)}, not a number"
-    if not math.isfinite(value):
-        return f"is not a finite number ({value})"
-    if value < 0:
-        return f"is negative ({value:g})"
+    if time_problem(value):  # not finite, or negative
+        return time_problem(value)
     if value == 0:
         return "is zero"
     if value > _LIMITS[kind]:
@@ -218,8 +274,10 @@ def load_result(path: Path) -> Loaded:
     if not isinstance(record, dict):
         return Loaded(path, None, "not a JSON object")
     version = record.get("schema_version")
-    if not isinstance(version, int):
-        return Loaded(path, None, "no schema_version: not a file written by this lab")
+    why = count_problem(version, 1)  # true is no version 1, though Python's True == 1
+    if why:
+        what = "no schema_version" if version is None else f"schema_version {why}"
+        return Loaded(path, None, f"{what}: not a file written by this lab")
     if version > SCHEMA_VERSION:
         return Loaded(path, None, f"schema_version {version} is newer than this lab "
                                   f"understands ({SCHEMA_VERSION}); update the lab")

@@ -10,8 +10,10 @@ efficiency:
 
 N is the number of devices doing the work: the GPUs DataParallel splits each batch over,
 or the DDP world size. The baseline is the median throughput of the ``02_baseline`` runs
-with the same model, image size, per-device batch, precision, memory layout, compile
-setting, data source, device name (the host may differ) and, on CPUs, threads per process.
+of the same machine (``machine_key``: host, device model, CPU model on CPUs, torch) with
+the same model, image size, per-device batch, precision, memory layout, compile setting,
+data source and, on CPUs, threads per process. Another machine's baseline is never used:
+the note says where it ran instead.
 
 Runs that evaluated a validation split also get their accuracy curve, final accuracy and
 time to the target accuracy, and the speed-up in time to accuracy it implies:
@@ -37,8 +39,9 @@ from labs import fmt
 METHOD = {"single": "Single", "dp": "DataParallel", "ddp": "DDP"}
 STRATEGY_ORDER = {"single": 0, "dp": 1, "ddp": 2}
 WORLD_SIZE_1 = "world size 1: scaling not measurable"
+ELSEWHERE = "baseline only on another machine"  # the note of a run whose 02 ran elsewhere
 
-# What must agree between a run and its baseline (besides the device name).
+# What must agree between a run and its baseline (besides the machine, ``machine_key``).
 # cpu_threads: threads per process, where the devices are CPUs (on GPUs the CPU threads
 # only launch kernels, and torchrun gives each rank 1 while a plain 02 takes them all).
 BASELINE_FIELDS = ("model", "img_size", "per_device_batch_size", "amp", "channels_last",
@@ -132,6 +135,23 @@ def primary_host(record: dict) -> str:
             return str(entry["host"])
     host = dig(record, "environment", "host")
     return str(host) if host else "unknown host"
+
+
+def machine_key(record: dict) -> str:
+    """The machine a run ran on: host, device model, CPU model (on CPUs: every CPU is named
+    "CPU", and containers and VMs share host names) and torch version (another torch runs
+    other kernels on the same chip). Runs are compared only within one machine."""
+    hardware, cpu = hardware_of(record)
+    env = record.get("environment") if isinstance(record.get("environment"), dict) else {}
+    return json.dumps([primary_host(record), hardware,
+                       scalar(env.get("cpu_model")) if cpu else None, scalar(env.get("torch"))])
+
+
+def machine_words(row) -> str:
+    """How a sentence names a row's machine: "box-a (CPU Intel Xeon, torch 2.5.1)"."""
+    device = f"CPU {_describe(row['cpu_model'])}" if row["cpu"] else \
+        short_hardware(str(row["hardware"]))
+    return f"{row['host']} ({device}, torch {_describe(row['torch'])})"
 
 
 def device_count(record: dict) -> int:
@@ -246,7 +266,7 @@ def run_row(record: dict, file: str) -> dict:
         "cpu": cpu,
         "hosts": ", ".join(hosts),
         "host": host,
-        "machine": f"{host}|{hardware}",
+        "machine": machine_key(record),
         "cpu_model": scalar(env.get("cpu_model")),
         "torch": scalar(env.get("torch")),
         "tf32": scalar(cfg.get("tf32")),
@@ -345,35 +365,37 @@ def same_setting_key(value) -> str:
 
 
 def baseline_for(row: pd.Series, runs: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
-    """The 02 runs that match ``row``, or an empty frame and the reason there is none."""
+    """The 02 runs of ``row``'s machine that match it, or an empty frame and the reason
+    there is none (``ELSEWHERE`` and the machines, where only other machines have one)."""
     single = runs[runs["strategy"] == "single"]
     if " + " in row["hardware"]:
         return single.iloc[0:0], (f"no baseline: the run mixes device types "
                                   f"({row['hardware']})")
-    if row["cpu"]:  # "CPU" names no model: only the same host's CPU is the same device
-        single = single[single["host"] == row["host"]]
     fields = ["hardware", *BASELINE_FIELDS]
     same = single
     for f in fields:
         same = same[same[f].map(same_setting_key) == same_setting_key(row[f])]
-    if not same.empty:
-        here = same[same["host"] == row["host"]]  # the same machine's, where it has one
-        return (here if not here.empty else same), None
+    here = same[same["machine"] == row["machine"]]
+    if not here.empty:
+        return here, None
+    if not same.empty:  # a match, but another machine's speed says nothing of this one's
+        where = "; ".join(dict.fromkeys(machine_words(b) for _, b in same.iterrows()))
+        return here, f"{ELSEWHERE}: {where}"
     if single.empty and not row["cpu"]:
         return same, ("no baseline: the folder has no completed 02_baseline run "
                       "to compare with")
-    same_device = single[single["hardware"] == row["hardware"]]
-    if same_device.empty and row["cpu"]:
-        return same, f"no matching baseline: no 02 run on the CPU of {row['host']}"
-    if same_device.empty:
+    if single[single["hardware"] == row["hardware"]].empty and not row["cpu"]:
         elsewhere = ", ".join(sorted(set(single["hardware"])))
         return same, (f"no matching baseline: no 02 run on {row['hardware']} "
                       f"(02 runs exist on {elsewhere})")
-    # Explain with the closest 02 run on this device: which settings differ.
-    diffs = same_device.apply(lambda b: [f for f in fields if same_setting_key(b[f])
-                                         != same_setting_key(row[f])], axis=1)
-    closest = min(range(len(same_device)), key=lambda i: len(diffs.iloc[i]))
-    b = same_device.iloc[closest]
+    mine = single[single["machine"] == row["machine"]]
+    if mine.empty:
+        return same, f"no matching baseline: no 02 run on {machine_words(row)}"
+    # Explain with the closest 02 run of this machine: which settings differ.
+    diffs = mine.apply(lambda b: [f for f in fields if same_setting_key(b[f])
+                                  != same_setting_key(row[f])], axis=1)
+    closest = min(range(len(mine)), key=lambda i: len(diffs.iloc[i]))
+    b = mine.iloc[closest]
     what = ", ".join(f"{FIELD_NAMES[f]} {_describe(b[f])} vs {_describe(row[f])}"
                      for f in diffs.iloc[closest])
     reason = (f"no matching baseline: the closest 02 run on this device "

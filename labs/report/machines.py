@@ -1,10 +1,12 @@
 """The machines of a results folder: which configurations ran where, and which step-01
 file describes each machine.
 
-A machine is a host and a device model: two hosts with the same GPUs are two machines,
-and so is one host's CPU beside its GPUs. Every explanation of a machine uses that
-machine's own step-01 file (same host, same device model), never another's: a bus
-bandwidth measured on a PCIe workstation says nothing about an NVLink server.
+A machine is a host, a device model, on CPUs the CPU model, and a torch version
+(``analysis.machine_key``): two hosts with the same GPUs are two machines, and so is one
+host's CPU beside its GPUs, two computers that share a host name, or one host under two
+torch versions. Every explanation of a machine uses that machine's own step-01 file (same
+host, device model and, where both record them, CPU model and torch), never another's: a
+bus bandwidth measured on a PCIe workstation says nothing about an NVLink server.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from labs import fmt
-from labs.report.analysis import dicts, dig, hardware_of, primary_host, short_hardware
+from labs.report.analysis import dicts, dig, machine_key, short_hardware
 
 
 @dataclass
 class Machine:
-    key: str                  # "host|device model", the table's ``machine`` column
+    key: str                  # analysis.machine_key, the table's ``machine`` column
     slug: str                 # [a-z0-9_]+: figure names and the section's anchor
     host: str
     hardware: str             # the device model ("CPU" on the CPU)
@@ -32,6 +34,8 @@ class Machine:
     step01: list[dict] = field(default_factory=list)   # its environment files
     step01_files: list[str] = field(default_factory=list)
     unfinished: list[dict] = field(default_factory=list)
+    # what tells it from a machine of the same host and device: CPU model, torch
+    distinct: list[str] = field(default_factory=list)
 
     @property
     def device(self) -> str:
@@ -39,8 +43,8 @@ class Machine:
 
     @property
     def short(self) -> str:
-        """How a sentence names it: "dgx-h100 (H100 80GB HBM3)"."""
-        return f"{self.host} ({self.device})"
+        """How a sentence names it: "dgx-h100 (H100 80GB HBM3)", "ci (CPU, torch 2.4.0)"."""
+        return f"{self.host} ({', '.join([self.device, *self.distinct])})"
 
     @property
     def unit(self) -> str:
@@ -48,11 +52,11 @@ class Machine:
 
     @property
     def title(self) -> str:
-        """The section heading: host and devices."""
+        """The section heading: host and devices, and what tells it from its twins."""
         if self.cpu:
-            return f"{self.host} · CPU processes"
+            return " · ".join([f"{self.host} · CPU processes", *self.distinct])
         count = f"{self.device_count} × " if self.device_count else ""
-        return f"{self.host} · {count}{self.device}"
+        return " · ".join([f"{self.host} · {count}{self.device}", *self.distinct])
 
     @property
     def facts(self) -> str:
@@ -92,12 +96,25 @@ def group(table: pd.DataFrame, environments: list[dict], file_of,
         m.step01_files = [file_of(e) for e in m.step01]
         m.device_count = _device_count(m)
         machines.append(m)
+    _tell_apart(machines)
     for record in unfinished:  # a run that did not finish: under its machine, if any
-        key = f"{primary_host(record)}|{hardware_of(record)[0]}"
-        home = next((m for m in machines if m.key == key), None)
+        home = next((m for m in machines if m.key == machine_key(record)), None)
         if home is not None:
             home.unfinished.append(record)
     return machines
+
+
+def _tell_apart(machines: list[Machine]) -> None:
+    """Give machines of one host and device model, which differ in CPU model or torch, a
+    title that says how: "ci-runner · CPU processes · AMD EPYC 7763", "· torch 2.4.0"."""
+    for m in machines:
+        twins = [o for o in machines if (o.host, o.device) == (m.host, m.device)]
+        if len(twins) > 1:
+            parts = [m.cpu_model or "CPU model not recorded"
+                     if len({o.cpu_model for o in twins}) > 1 else None,
+                     f"torch {m.torch or 'not recorded'}"
+                     if len({o.torch for o in twins}) > 1 else None]
+            m.distinct = [p for p in parts if p]
 
 
 def orphans(machines: list[Machine], unfinished: list[dict]) -> list[dict]:
@@ -112,10 +129,15 @@ def _gpu_names(record: dict) -> list[str]:
 
 
 def describes(record: dict, m: Machine) -> bool:
-    """Whether step-01 file ``record`` was written on machine ``m``: the same host and,
-    for GPU runs, a GPU of the same model."""
+    """Whether step-01 file ``record`` was written on machine ``m``: the same host, for GPU
+    runs a GPU of the same model, and the same CPU model (CPU runs) and torch where both
+    the file and the runs record them."""
     if str(dig(record, "environment", "host") or "") != m.host:
         return False
+    for name, mine in (("cpu_model", m.cpu_model if m.cpu else None), ("torch", m.torch)):
+        theirs = dig(record, "environment", name)
+        if mine and theirs and str(theirs) != mine:
+            return False
     return m.cpu or m.hardware in _gpu_names(record)
 
 

@@ -13,7 +13,7 @@ from collections import Counter
 import pandas as pd
 
 from labs import bandwidth, fmt
-from labs.report.analysis import flag_kind, precision, reliable, setting_pairs
+from labs.report.analysis import ELSEWHERE, flag_kind, precision, reliable, setting_pairs
 from labs.report.machines import Machine, gradient_bytes_of, interconnect, sweep_for
 
 DATA_WAIT_LIMIT = 0.10  # above this share of step time the input pipeline is the bottleneck
@@ -121,7 +121,8 @@ def headline(m: Machine) -> str:
 
 def verdict(m: Machine) -> list[str]:
     ok = _trusted(m.rows)
-    lines = [line for line in (_scaling_line(m, ok, "ddp"), _scaling_line(m, ok, "dp"),
+    lines = [line for line in (_elsewhere_line(m), _scaling_line(m, ok, "ddp"),
+                               _scaling_line(m, ok, "dp"),
                                _dp_versus_ddp(m, ok), _amp_line(m), _target_line(m, ok),
                                _unreliable_line(m)) if line]
     if (m.rows["n_devices"] > 1).any() and not (ok["efficiency"].notna()).any():
@@ -137,6 +138,21 @@ def verdict(m: Machine) -> list[str]:
         lines.append(f"{m.host} · CPU processes of {each}; they show the mechanics, not GPU "
                      "speed.")
     return lines[:VERDICT_LINES]
+
+
+def _elsewhere_line(m: Machine) -> str | None:
+    """Runs whose matching 02 baseline ran only on another machine: no figure, and where
+    that baseline is, so a reader neither trusts a cross-machine ratio nor misses why."""
+    notes = m.rows["efficiency_note"]
+    rows = m.rows[notes.map(lambda n: isinstance(n, str) and n.startswith(ELSEWHERE))]
+    if rows.empty:
+        return None
+    where = list(dict.fromkeys(place for note in rows["efficiency_note"]
+                               for place in note.split(": ", 1)[1].split("; ")))
+    its = "its" if len(rows) == 1 else "their"
+    return (f"{m.host} · {_list(list(rows['label']))}: no speed-up or scaling efficiency, "
+            f"because {its} matching 02 baseline ran only on another machine, "
+            f"{_list(where)}; run 02 on this machine with the same settings to compare.")
 
 
 def _scaling_line(m: Machine, ok: pd.DataFrame, strategy: str) -> str | None:

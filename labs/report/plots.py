@@ -223,6 +223,8 @@ def _finish(fig: Figure) -> None:
                           loc="center")
     if redraw:
         fig.draw_without_rendering()
+    # Laid out: saving the figure need not run the constrained layout a second time.
+    fig.set_layout_engine("none")
 
 
 # --- bar charts: one row per configuration -----------------------------------------------
