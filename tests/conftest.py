@@ -23,8 +23,9 @@ REPO = Path(__file__).resolve().parent.parent
 # Test files by their cost on a 2-core machine, the longest first: pytest-xdist hands out
 # whole files in collection order, and a long file started last would finish alone.
 LONGEST_FIRST = ("test_whole_lab.py", "test_step04_ddp.py", "test_faults.py",
-                 "test_faults_launch.py", "test_ddp_equivalence.py", "test_step02.py",
-                 "test_report_trust.py", "test_environment_check.py")
+                 "test_faults_launch.py", "test_faults_round3.py", "test_ddp_equivalence.py",
+                 "test_step02.py", "test_report_trust.py", "test_runner_signals.py",
+                 "test_environment_check.py")
 
 
 def pytest_collection_modifyitems(items):

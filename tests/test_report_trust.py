@@ -245,14 +245,15 @@ def rich_environment(real: dict) -> dict:
     return env
 
 
-@pytest.mark.parametrize("kind", list(VALUES))
-def test_wrong_types_in_any_field_never_stop_the_report(tmp_path, real_run, step05, capsys,
-                                                        kind):
+@pytest.fixture(scope="module")
+def wrong_types_report(tmp_path_factory, real_run, step05) -> dict:
     """Each field of a DDP run, of a baseline run and of step 01's file, one at a time,
-    set to a wrong type: 05 still writes the report, and every file is either in it or
-    listed as skipped with its reason. One file per field; all of one kind in one folder
-    (the baseline's config fields are left to the DDP run's: each would be a table row
-    of its own, and slow the test, through the same code)."""
+    set to a wrong value of each kind: one file per field and kind, all in one folder,
+    and one run of 05 over them (the baseline's config fields are left to the DDP run's:
+    each would be a table row of its own, and slow the test, through the same code)."""
+    import contextlib
+
+    tmp_path = tmp_path_factory.mktemp("wrong-types")
     results = tmp_path / "results"
     results.mkdir()
     base = make_run(real_run, strategy="single", n=1, throughput=100.0)
@@ -261,26 +262,43 @@ def test_wrong_types_in_any_field_never_stop_the_report(tmp_path, real_run, step
     write(results, "02_base.json", base)
     write(results, "04_ddp.json", ddp)
     write(results, "environment.json", env)
-    names = []
-    for prefix, template in (("02", base), ("04", ddp), ("01", env)):
-        for i, path in enumerate(paths(template)):
-            if prefix == "02" and path[0] == "config" and len(path) > 1:
-                continue
-            record = mutated(template, path, kind)
-            if prefix != "01" and path != ("run_id",):
-                record["run_id"] = uuid.uuid4().hex[:12]
-            name = f"{prefix}_{i:03d}.json"
-            (results / name).write_text(json.dumps(record))
-            names.append(name)
+    names: dict[str, list[str]] = {kind: [] for kind in VALUES}
+    for kind in VALUES:
+        for prefix, template in (("02", base), ("04", ddp), ("01", env)):
+            for i, path in enumerate(paths(template)):
+                if prefix == "02" and path[0] == "config" and len(path) > 1:
+                    continue
+                record = mutated(template, path, kind)
+                if prefix != "01" and path != ("run_id",):
+                    record["run_id"] = uuid.uuid4().hex[:12]
+                name = f"{prefix}_{kind}_{i:03d}.json"
+                (results / name).write_text(json.dumps(record))
+                names[kind].append(name)
     out = tmp_path / "r.html"
-    code, stdout, err = run(step05, capsys, "--results-dir", results, "--output-report",
-                            out, "--generate-plots")
-    assert code == 0, err
-    assert "error" not in err and out.is_file() and out.with_suffix(".csv").is_file()
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            run05(step05, "--results-dir", results, "--output-report", out, "--generate-plots")
+        except SystemExit as exit_info:
+            code = exit_info.code if isinstance(exit_info.code, int) else 1
+    return {"code": code, "stdout": stdout.getvalue(), "stderr": stderr.getvalue(),
+            "out": out, "names": names}
+
+
+@pytest.mark.parametrize("kind", list(VALUES))
+def test_wrong_types_in_any_field_never_stop_the_report(wrong_types_report, kind):
+    """Every file with a field of this kind gone wrong is either in the report or listed
+    as skipped with its reason; the report, its CSV and figures are written."""
+    report = wrong_types_report
+    assert report["code"] == 0, report["stderr"]
+    out = report["out"]
+    assert "error" not in report["stderr"] and out.is_file()
+    assert out.with_suffix(".csv").is_file()
     text = text_of(out)
     skipped = dict(line[len("skipped  "):].split(": ", 1)
-                   for line in stdout.splitlines() if line.startswith("skipped  "))
-    for name in names:
+                   for line in report["stdout"].splitlines() if line.startswith("skipped  "))
+    for name in report["names"][kind]:
         assert name in text, name
         if name in skipped:
             assert skipped[name].strip(), name
