@@ -7,6 +7,7 @@ import platform
 import shutil
 import socket
 import subprocess
+from pathlib import Path
 
 import psutil
 import torch
@@ -72,6 +73,18 @@ def gpus() -> list[dict]:
     return found
 
 
+def cpu_model() -> str:
+    """The CPU's model name ("AMD EPYC 7763 64-Core Processor"), which the report uses to
+    tell machines apart; on Linux platform.processor() says only "x86_64"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux
+        pass
+    return platform.processor() or platform.machine()
+
+
 def collect() -> dict:
     """The ``environment`` block of a result file. Fast: no probes, no benchmarks."""
     import torchvision
@@ -81,7 +94,7 @@ def collect() -> dict:
     return {
         "host": socket.gethostname(),
         "platform": platform.platform(),
-        "cpu_model": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
         "cpu_count": cpu_count(),
         "ram_bytes": int(psutil.virtual_memory().total),
         "python": platform.python_version(),
