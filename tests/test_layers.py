@@ -42,7 +42,7 @@ REPORT_ORDER = ("output", "analysis", "loading", "environment", "machines", "plo
 # Lines per module, with slack over the size when the budget was set: a module that
 # outgrows it is split, or the budget raised in the same change, on purpose.
 BUDGET = {
-    "errors": 20, "fmt": 110, "files": 160, "contract": 320, "bandwidth": 80,
+    "errors": 20, "fmt": 110, "files": 160, "contract": 320, "bandwidth": 150,
     "launcher_env": 200, "image_check": 80, "compat": 30, "envinfo": 200, "models": 60,
     "faults": 110,
     "cli": 520, "measure": 500, "console": 110, "data": 690, "dp": 80, "train": 360,
