@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from labs.bandwidth import algbw_gb_s, busbw, predict_allreduce_s
+from labs.bandwidth import (algbw_gb_s, busbw, fit_alpha_beta, fit_quality,
+                            predict_allreduce_s, sweeps_by_world_size)
 from labs.compat import OutOfMemoryError
 from labs.data import workers_per_process
 from labs.distributed import run_collective
@@ -320,16 +321,36 @@ def _loopback_interface() -> str | None:
     return None
 
 
+def sweep_world_sizes(gpu_count: int) -> list[int]:
+    """The world sizes of the nccl sweep: the powers of two from 2 up to the GPU count, and
+    the GPU count itself (8 GPUs: 2, 4, 8), so the report can fit latency and bandwidth
+    at each size a scaling sweep runs."""
+    sizes = [2 ** k for k in range(1, gpu_count.bit_length()) if 2 ** k < gpu_count]
+    return [*sizes, gpu_count]
+
+
+def _spawn_sweep(backend: str, world_size: int, sizes: tuple, warmup: int, iters: int,
+                 env: dict) -> list[dict]:
+    with tempfile.TemporaryDirectory(prefix="lab-allreduce-") as tmp, _environ(**env):
+        torch.multiprocessing.spawn(
+            _allreduce_worker, nprocs=world_size, join=True,
+            args=(world_size, backend, os.path.join(tmp, "store"), tmp, sizes, warmup, iters))
+        per_rank = [json.loads(Path(tmp, f"rank{r}.json").read_text())
+                    for r in range(world_size)]
+    return combine_allreduce(per_rank, world_size)
+
+
 def allreduce_sweep(gpu_count: int, notes: list[str], say=print) -> dict | None:
-    """nccl across every GPU when there are two or more; gloo between two CPU processes
-    otherwise. Returns the ``probes.allreduce`` block, or None with a note."""
+    """nccl across every GPU when there are two or more (and across the first 2, 4, ...
+    GPUs: ``smaller_world_sizes``); gloo between two CPU processes otherwise. Returns the
+    ``probes.allreduce`` block, or None with a note."""
     backends = distributed_backends()
     if gpu_count >= 2 and backends["nccl"]:
-        backend, world_size, device, sizes, warmup, iters = (
-            "nccl", gpu_count, "cuda", GPU_ALLREDUCE_SIZES, 5, 20)
+        backend, world_sizes, device, sizes, warmup, iters = (
+            "nccl", sweep_world_sizes(gpu_count), "cuda", GPU_ALLREDUCE_SIZES, 5, 20)
     elif backends["gloo"]:
-        backend, world_size, device, sizes, warmup, iters = (
-            "gloo", 2, "cpu", CPU_ALLREDUCE_SIZES, 2, 5)
+        backend, world_sizes, device, sizes, warmup, iters = (
+            "gloo", [2], "cpu", CPU_ALLREDUCE_SIZES, 2, 5)
         if gpu_count >= 2:
             notes.append("NCCL is not available in this torch build: the all-reduce probe "
                          "ran over gloo between two CPU processes instead.")
@@ -337,28 +358,30 @@ def allreduce_sweep(gpu_count: int, notes: list[str], say=print) -> dict | None:
         notes.append("No distributed backend (nccl or gloo) in this torch build: "
                      "all-reduce not measured.")
         return None
-    say(f"probe: all-reduce sweep, {backend}, {world_size} ranks on {device}, "
-        f"{fmt.size(sizes[0])} to {fmt.size(sizes[-1])}")
+    say(f"probe: all-reduce sweep, {backend}, {', '.join(map(str, world_sizes))} ranks on "
+        f"{device}, {fmt.size(sizes[0])} to {fmt.size(sizes[-1])}")
     env = {"OMP_NUM_THREADS": "1"}
     if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ:
         loopback = _loopback_interface()
         if loopback:
             env["GLOO_SOCKET_IFNAME"] = loopback  # both ranks are on this host
-    try:
-        with tempfile.TemporaryDirectory(prefix="lab-allreduce-") as tmp, _environ(**env):
-            torch.multiprocessing.spawn(
-                _allreduce_worker, nprocs=world_size, join=True,
-                args=(world_size, backend, os.path.join(tmp, "store"), tmp, sizes,
-                      warmup, iters))
-            per_rank = [json.loads(Path(tmp, f"rank{r}.json").read_text())
-                        for r in range(world_size)]
-    except Exception as err:  # noqa: BLE001 - a failed probe is a note, not a crash
-        lines = [line for line in str(err).strip().splitlines() if line.strip()]
-        notes.append(f"The all-reduce probe failed ({type(err).__name__}: "
-                     f"{lines[-1] if lines else err}): not measured.")
-        return None
-    rows = combine_allreduce(per_rank, world_size)
-    all_correct = all(r["correct"] for r in rows)
+    swept = {}
+    for world_size in reversed(world_sizes):  # every GPU first: the sweep that matters most
+        try:
+            swept[world_size] = _spawn_sweep(backend, world_size, sizes, warmup, iters, env)
+        except Exception as err:  # noqa: BLE001 - a failed probe is a note, not a crash
+            lines = [line for line in str(err).strip().splitlines() if line.strip()]
+            notes.append(f"The all-reduce probe over {world_size} ranks failed "
+                         f"({type(err).__name__}: {lines[-1] if lines else err}): not "
+                         f"measured.")
+            if world_size == world_sizes[-1]:
+                return None
+    world_size = world_sizes[-1]
+    rows = swept[world_size]
+    smaller = [{"world_size": n, "results": swept[n],
+                "all_correct": all(r["correct"] for r in swept[n])}
+               for n in world_sizes[:-1] if n in swept]
+    all_correct = all(r["correct"] for r in rows) and all(s["all_correct"] for s in smaller)
     if backend == "gloo":
         notes.append("The all-reduce probe ran over gloo between two CPU processes on this "
                      "host: it measures the software stack and memory, not a GPU link.")
@@ -367,6 +390,7 @@ def allreduce_sweep(gpu_count: int, notes: list[str], say=print) -> dict | None:
                      "broken; do not trust DDP results on this machine until it is fixed.")
     return {"backend": backend, "world_size": world_size, "device": device,
             "results": rows, "all_correct": all_correct,
+            "smaller_world_sizes": smaller,
             "predicted_gradient_allreduce_s":
                 predict_allreduce_s(GRADIENT_BYTES, world_size, rows) if all_correct else None,
             "gradient_model": GRADIENT_MODEL, "gradient_bytes": GRADIENT_BYTES}
@@ -481,6 +505,12 @@ def format_summary(record: dict, path) -> str:
                              f"{_num(r['algbw_gb_s'], '.2f'):>7} GB/s"
                              f"{_num(r['busbw_gb_s'], '.2f'):>7} GB/s"
                              f"{'' if r['correct'] else '  WRONG'}")
+            for n, sweep in sweeps_by_world_size(ar).items():
+                fit = fit_alpha_beta(sweep, n)
+                if fit is not None:
+                    lines.append(f"alpha-beta   over {n} ranks: latency {fit.alpha_s * 1e6:.1f} "
+                                 f"us, bus bandwidth {fit.beta_gb_s:.2f} GB/s "
+                                 f"({fit_quality(fit)})")
             predicted = ar["predicted_gradient_allreduce_s"]
             lines.append(f"predicted    {ar['gradient_model']} gradients "
                          f"({ar['gradient_bytes'] / 1e6:.1f} MB): "

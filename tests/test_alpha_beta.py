@@ -62,3 +62,33 @@ def test_the_predicted_ddp_step_is_compute_plus_the_exposed_all_reduce():
         predicted = bandwidth.predict_ddp_step_s(compute_s, gradient_bytes, buckets, fit,
                                                  hidden)
         assert predicted == pytest.approx(compute_s + (1 - hidden) * all_reduce_s, rel=1e-12)
+
+
+def test_a_stalled_point_is_left_out_and_the_fit_survives_it():
+    points = sweep(300e-6, 1.5, 2)
+    points[0] = {**points[0], "time_s": points[0]["time_s"] * 12}  # another process ran
+    fit = bandwidth.fit_alpha_beta(points, 2)
+    assert fit.outliers == (SIZES[0],)
+    assert fit.alpha_s == pytest.approx(300e-6, rel=1e-6)
+    assert fit.beta_gb_s == pytest.approx(1.5, rel=1e-6)
+    assert fit.residuals[0] == pytest.approx(11.0, rel=1e-6)  # still reported, against the fit
+
+
+def test_a_sweep_that_is_mostly_stalls_is_not_trimmed_to_fit():
+    points = [{**p, "time_s": p["time_s"] * (10 if i % 2 else 1)}
+              for i, p in enumerate(sweep(300e-6, 1.5, 2))]
+    fit = bandwidth.fit_alpha_beta(points, 2)
+    assert fit.outliers == ()  # half the points cannot be noise: nothing left out
+    assert max(map(abs, fit.residuals)) > 0.5  # and the residuals say the fit is poor
+
+
+def test_sweeps_by_world_size_reads_old_and_new_files_and_skips_wrong_sums():
+    main = {"world_size": 8, "all_correct": True, "results": sweep(2e-5, 150.0, 8)}
+    assert list(bandwidth.sweeps_by_world_size(main)) == [8]  # before smaller sizes existed
+    smaller = [{"world_size": 2, "results": sweep(2e-5, 150.0, 2), "all_correct": True},
+               {"world_size": 4, "results": sweep(2e-5, 150.0, 4), "all_correct": False},
+               {"world_size": True, "results": []}, "junk"]
+    assert list(bandwidth.sweeps_by_world_size({**main, "smaller_world_sizes": smaller})) \
+        == [2, 8]
+    assert bandwidth.sweeps_by_world_size({**main, "all_correct": False}) == {}
+    assert bandwidth.sweeps_by_world_size(None) == {}
