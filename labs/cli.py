@@ -29,6 +29,7 @@ DATA_CHOICES = ("synthetic", "fake", "imagefolder", "cifar10", "shapes")
 EVAL_DATA = ("shapes", "imagefolder", "cifar10")
 DEFAULT_TARGET_ACCURACY = 0.5  # --target-accuracy when evaluating
 COMM_HOOKS = ("none", "fp16", "bf16", "powersgd")
+SCALING_CHOICES = ("weak", "strong")
 BACKENDS = ("auto", "nccl", "gloo")
 
 # The lab's defaults. Options left unset on the command line take the preset's value,
@@ -245,6 +246,15 @@ def build_parser(lab: str, description: str | None = None) -> argparse.ArgumentP
     where.add_argument("--preset", choices=tuple(PRESETS),
                        help="named settings; smoke runs in seconds on a 2-core CPU, cpu is a "
                             "small but meaningful CPU run; explicit flags override it")
+    if lab != "02_baseline":
+        # Not in DEFAULTS, which fills every step's options: 02 has no --scaling, being
+        # the one-device point of both curves.
+        where.add_argument("--scaling", choices=SCALING_CHOICES, default="weak",
+                           help="how this run compares with step 02 for the report: weak = "
+                                "each device keeps 02's batch (the global batch grows with "
+                                "N), strong = the global batch stays 02's, split over N "
+                                "devices (default: weak). A label: --batch-size keeps its "
+                                "meaning")
 
     if lab == "04_ddp":
         _add_ddp_options(parser)
@@ -294,14 +304,23 @@ def _add_ddp_options(parser: argparse.ArgumentParser) -> None:
                            "--checkpoint-dir when there is one")
 
 
+def preset_value(name: str, preset: str | None, data: str | None = None):
+    """The value option ``name`` takes when left unset: the preset's setting for this data
+    source, else the preset's own, else DEFAULTS. ``data`` None: the preset's data source,
+    else the default one."""
+    settings = PRESETS.get(preset or "full", {})
+    data = data or settings.get("data", DEFAULTS["data"])
+    settings = {**DEFAULTS, **settings, "data": data,
+                **PRESET_DATA.get((preset or "full", data), {})}
+    return settings[name]
+
+
 def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
     """Fill options left unset: first from the preset, then from DEFAULTS."""
-    preset = PRESETS.get(args.preset or "full", {})
-    data = args.data or preset.get("data", DEFAULTS["data"])
-    preset = {**preset, **PRESET_DATA.get((args.preset or "full", data), {})}
-    for name, default in DEFAULTS.items():
+    data = args.data
+    for name in DEFAULTS:
         if getattr(args, name, None) is None:
-            setattr(args, name, preset.get(name, default))
+            setattr(args, name, preset_value(name, args.preset, data))
     if getattr(args, "eval", None) is None:  # parsers of other tools may lack the flag
         args.eval = args.data in EVAL_DATA
     if getattr(args, "target_accuracy", None) is None:

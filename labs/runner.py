@@ -11,9 +11,16 @@ Plans by hardware:
   shows accuracy and time to accuracy for every method); 04 runs 2 processes over gloo;
 - one GPU: the ResNet-50 baseline, DP and DDP at world size 1 (labelled as such: they
   measure overhead, not scaling);
-- N GPUs: the lab's own commands: 02 at batch 64, 03 at 64 x N on all GPUs, 04 under
-  torchrun with N processes at 64 each, with AMP; 02 also runs in fp32 (--amp off) so the
-  report can show what mixed precision buys.
+- N GPUs: the lab's own commands: 02 at batch 64, with AMP and in fp32 (--amp off, so the
+  report can show what mixed precision buys); then a scaling sweep: 03 and 04 (torchrun,
+  AMP) at world sizes 1, 2, 4, ... up to N, and N itself, on the first k selected GPUs.
+
+`--world-sizes` picks the sweep's sizes (on the CPU it sweeps 04 only: DataParallel needs
+GPUs) and `--scaling` how each size compares with 02: weak keeps 02's batch on every
+device (03 gets 64 x k, 04 64 per process), strong keeps 02's global batch and splits it
+(03 gets 64, 04 64 / k per process); both runs each size both ways. World size 1 is one
+run either way, labelled weak. In a sweep every run carries its `--scaling` label, which
+its result records for the report.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from labs.cli import PRESETS, OneLineParser, positive_int, protect_output
+from labs.cli import (PRESETS, SCALING_CHOICES, OneLineParser, positive_int, preset_value,
+                      protect_output)
 from labs.errors import UsageError
 from labs.files import ensure_writable_dir, unwritable_reason
 
@@ -48,6 +56,8 @@ SCRIPTS = {
     "05": "05_performance_comparison.py",
 }
 TRAINING_STEPS = ("02", "03", "04")
+GPU_BATCH = 64  # 02's batch on GPUs: per device in weak scaling, the global one in strong
+CPU_RANKS = 2  # the CPU plan's one 04 run, unless --world-sizes says otherwise
 # A terminal's Ctrl-C and hangup, `timeout` and a kill of the process group reach the
 # running step too: it gets this long to stop by itself before the runner passes the
 # signal on, since a second signal could cut its result short.
@@ -98,6 +108,59 @@ def parse_gpus(text: str) -> list[int]:
     return gpus
 
 
+def parse_world_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1 or len(set(sizes)) != len(sizes):
+        raise UsageError(f"--world-sizes {shlex.quote(text)}: expected distinct positive "
+                         f"numbers of devices such as 1,2,4,8")
+    return sorted(sizes)
+
+
+def default_world_sizes(gpu_count: int) -> list[int]:
+    """The powers of two below the GPU count, and the count: 6 GPUs -> 1, 2, 4, 6."""
+    if gpu_count == 0:
+        return [CPU_RANKS]
+    return [2 ** i for i in range(gpu_count.bit_length()) if 2 ** i < gpu_count] + [gpu_count]
+
+
+def sweep_runs(world_sizes: list[int], scaling: str) -> list[tuple[int, str]]:
+    """(world size, scaling mode) of each 03/04 run, smallest first, weak before strong."""
+    modes = SCALING_CHOICES if scaling == "both" else (scaling,)
+    # one device: weak and strong scaling are the same run
+    return [(k, mode) for k in world_sizes for mode in (("weak",) if k == 1 else modes)]
+
+
+def check_world_sizes(args, world_sizes: list[int], gpus: list[int]) -> None:
+    """Sizes the hardware cannot hold: one GPU per device, one CPU core per gloo rank."""
+    largest, listed = world_sizes[-1], ",".join(map(str, world_sizes))
+    if gpus and largest > len(gpus):
+        where = "selected with --gpus" if args.gpus is not None else "on this machine"
+        raise UsageError(f"--world-sizes {listed}: {largest} devices but {len(gpus)} GPU(s) "
+                         f"{where}; each device is one GPU")
+    cores = os.cpu_count() or 1
+    if not gpus and largest > cores:
+        raise UsageError(f"--world-sizes {listed}: {largest} ranks but this machine has "
+                         f"{cores} CPU cores; each rank needs one")
+
+
+def check_strong_split(args, runs: list[tuple[int, str]], batch: int, limit: int) -> None:
+    uneven = [k for k, mode in runs if mode == "strong" and batch % k]
+    if uneven:
+        fits = ",".join(str(k) for k in range(1, limit + 1) if batch % k == 0)
+        raise UsageError(f"--scaling {args.scaling}: the global batch {batch} does not split "
+                         f"evenly over {uneven[0]} devices; use world sizes that divide it, "
+                         f"e.g. --world-sizes {fits}")
+
+
+def _listing(values: list[int]) -> str:
+    """[1, 2, 4] -> "1, 2 and 4"."""
+    words = [str(v) for v in values]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+
 def build_plan(args, gpu_count: int) -> Plan:
     """What to run, as argv lists, for this hardware and these options."""
     gpus = args.gpus if args.gpus is not None else list(range(gpu_count))
@@ -115,45 +178,72 @@ def build_plan(args, gpu_count: int) -> Plan:
     python = sys.executable
     script = {k: str(REPO / v) for k, v in SCRIPTS.items()}
 
-    env: dict[str, dict] = {}
+    world_sizes = args.world_sizes or default_world_sizes(n)
+    if args.world_sizes:  # the defaults fit by construction (on the CPU: today's 2 ranks)
+        check_world_sizes(args, world_sizes, gpus)
+    runs = sweep_runs(world_sizes, args.scaling)
+    # a lone weak run keeps the plain command (weak is the default); in a sweep, or for
+    # strong scaling, every command names its mode, which its result records
+    labelled = len(runs) > 1 or args.scaling != "weak"
+
+    def label(mode: str) -> list[str]:
+        return ["--scaling", mode] if labelled else []
+
+    modes = "weak and strong" if args.scaling == "both" else args.scaling
+    sweep = f"Scaling sweep: world sizes {_listing(world_sizes)} in {modes} scaling"
+
+    # per step: (argv, environment) of each run
+    per_step: dict[str, list[tuple[list[str], dict]]]
     if n == 0:
-        ranks = 2
+        batch = preset_value("batch_size", preset, "shapes")  # per process, as 04 resolves it
+        check_strong_split(args, runs, batch, os.cpu_count() or 1)
         # One thread per process on the CPU (train.configure_backends) unless the user set
         # OMP_NUM_THREADS, which every step inherits: 02's baseline matches each of 04's
         # ranks, so efficiency compares like with like.
         plan.notes.append(f"No GPU: every step runs on the CPU, one thread per process; 04 "
-                          f"uses {ranks} processes over gloo. The numbers show the "
-                          f"mechanics, not GPU speed.")
+                          f"uses {_listing(world_sizes)} processes over gloo. The numbers "
+                          f"show the mechanics, not GPU speed.")
+        if runs != [(CPU_RANKS, "weak")]:
+            plan.notes.append("DataParallel needs GPUs: on the CPU 03 runs once, in one "
+                              "process; --world-sizes and --scaling apply to 04 only.")
+        if len(runs) > 1:
+            plan.notes.append(f"{sweep} ({len(runs)} runs of 04).")
         # A learnable task, computed from the seed: the report can then show that the
         # methods reach the same accuracy, and how long each takes to get there.
         learn = ["--data", "shapes"]
         per_step = {
-            "02": [[python, script["02"], "--device", "cpu", *learn, *common]],
-            "03": [[python, script["03"], *learn, *common]],
-            "04": [[python, script["04"], "--nproc", str(ranks), "--device", "cpu", *learn,
-                    *common]],
+            "02": [([python, script["02"], "--device", "cpu", *learn, *common], {})],
+            "03": [([python, script["03"], *learn, *common], {})],
+            "04": [([python, script["04"], "--nproc", str(k), "--device", "cpu", *learn,
+                     *(["--batch-size", str(batch // k)] if mode == "strong" else []),
+                     *common, *label(mode)], {}) for k, mode in runs],
         }
     else:
-        batch = 64
-        gpu_list = ",".join(map(str, gpus))
-        # torchrun gives local rank r the r-th visible GPU: pin a subset by visibility
-        if gpus != list(range(gpu_count)):
-            env["04"] = {"CUDA_VISIBLE_DEVICES": gpu_list}
+        check_strong_split(args, runs, GPU_BATCH, n)
         size = ([] if preset else ["--model", "resnet50", "--epochs", "5"])
-        baseline = [python, script["02"], "--batch-size", str(batch), "--device",
+        baseline = [python, script["02"], "--batch-size", str(GPU_BATCH), "--device",
                     f"cuda:{gpus[0]}", *size, *common]
-        per_step = {
-            # the fp32 reference beside the mixed-precision baseline: AMP's effect measured
-            "02": [[*baseline, "--amp", "auto"], [*baseline, "--amp", "off"]],
-            "03": [[python, script["03"], "--batch-size", str(batch * n), "--gpus",
-                    gpu_list, *size, *common]],
-            "04": [[python, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc_per_node={n}", script["04"], "--batch-size", str(batch),
-                    "--amp", "auto", *size, *common]],
-        }
+        # the fp32 reference beside the mixed-precision baseline: AMP's effect measured
+        per_step = {"02": [([*baseline, "--amp", amp], {}) for amp in ("auto", "off")],
+                    "03": [], "04": []}
+        for k, mode in runs:
+            weak = mode == "weak"
+            first = ",".join(map(str, gpus[:k]))
+            per_step["03"].append(([python, script["03"], "--batch-size",
+                                    str(GPU_BATCH * k if weak else GPU_BATCH), "--gpus", first,
+                                    *size, *common, *label(mode)], {}))
+            # torchrun gives local rank r the r-th visible GPU: pin a subset by visibility
+            pinned = {"CUDA_VISIBLE_DEVICES": first} if gpus[:k] != list(range(gpu_count)) \
+                else {}
+            per_step["04"].append(([python, "-m", "torch.distributed.run", "--standalone",
+                                    f"--nproc_per_node={k}", script["04"], "--batch-size",
+                                    str(GPU_BATCH if weak else GPU_BATCH // k), "--amp", "auto",
+                                    *size, *common, *label(mode)], pinned))
         if n == 1:
             plan.notes.append("One GPU: DataParallel and DDP run at world size 1. They "
                               "measure each wrapper's overhead; scaling needs 2+ GPUs.")
+        if len(runs) > 1:
+            plan.notes.append(f"{sweep} ({len(runs)} runs each of 03 and 04).")
 
     for step in args.steps:
         if step == "01":
@@ -162,8 +252,8 @@ def build_plan(args, gpu_count: int) -> Plan:
                                                 str(args.results_dir), *quick]))
         elif step in TRAINING_STEPS:
             for k in range(args.repeat):
-                for argv in per_step[step]:
-                    plan.commands.append(Command(step, argv, k, env=env.get(step, {})))
+                for argv, env in per_step[step]:
+                    plan.commands.append(Command(step, argv, k, env=env))
         elif step == "05":
             plan.commands.append(Command("05", [
                 python, script["05"], "--results-dir", str(args.results_dir),
@@ -189,6 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", type=Path, default=Path("comparison_report.html"),
                         metavar="PATH", help="report to write (default: "
                                              "comparison_report.html)")
+    parser.add_argument("--world-sizes", metavar="LIST",
+                        help="world sizes of 03 and 04, e.g. 1,2,4,8 (default: on GPUs the "
+                             "powers of two below the GPU count, and the count; on the CPU "
+                             "04 with 2 processes)")
+    parser.add_argument("--scaling", choices=(*SCALING_CHOICES, "both"), default="weak",
+                        help="how 03 and 04 compare with 02: weak = each device keeps 02's "
+                             "batch (the global batch grows with N), strong = the global "
+                             "batch stays 02's, split over N devices, both = each world "
+                             "size both ways (default: weak)")
     parser.add_argument("--repeat", type=positive_int, default=1, metavar="K",
                         help="run each training step K times; the report aggregates "
                              "them (default: 1)")
@@ -214,6 +313,8 @@ def parse_args(argv: list[str] | None = None):
                              f"{steps}: nothing to run")
     if args.gpus is not None:
         args.gpus = parse_gpus(args.gpus)
+    if args.world_sizes is not None:
+        args.world_sizes = parse_world_sizes(args.world_sizes)
     return args
 
 

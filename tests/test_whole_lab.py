@@ -37,6 +37,9 @@ def test_the_whole_lab_with_no_options_on_this_cpu(whole_lab):
     assert sorted(r["lab"] for r in runs) == ["02_baseline", "03_dataparallel", "04_ddp"]
     assert all(r["status"] == "ok" for r in runs)
     assert all(load_result(p).ok for p in results.glob("*.json"))
+    # the --scaling label the report draws curves by: 02 is the one-device point of both
+    assert {r["lab"]: r["config"]["scaling"] for r in runs} == {
+        "02_baseline": None, "03_dataparallel": "weak", "04_ddp": "weak"}
     ddp = next(r for r in runs if r["lab"] == "04_ddp")
     assert ddp["world"]["world_size"] == 2 and ddp["world"]["backend"] == "gloo"
     assert json.loads((results / "environment.json").read_text())["kind"] == "environment"
