@@ -99,7 +99,7 @@ def main() -> None:
     resumed = distributed.resume(args, raw_model, optimizer, scaler, device)  # DDP:
     # DDP: one result for all ranks, written by rank 0: every rank's device and timings
     run = results.Run(LAB, args, strategy="ddp", devices=[device],  # DDP:
-                      ranks=ranks, backend=backend, model=raw_model, resumed=resumed,  # DDP:
+                      ranks=ranks, backend=backend, model=model, resumed=resumed,  # DDP:
                       config=results.config_from_args(
                           args, per_device_batch_size=args.batch_size,
                           global_batch_size=samples_per_step * ranks.world_size,  # DDP:

@@ -353,6 +353,19 @@ def ddp_settings(args, backend: str, model) -> dict:
     }
 
 
+def bucket_bytes(ddp_model) -> list[int] | None:
+    """The sizes of DDP's gradient buckets, in all-reduce order, as DDP rebuilt them after
+    the first step (what the report's model of communication counts latencies for).
+    None where this PyTorch does not say (a private API: read, never relied on)."""
+    ddp_model = getattr(ddp_model, "_orig_mod", ddp_model)  # under torch.compile
+    try:
+        data = ddp_model._get_ddp_logging_data()
+        sizes = data.get("rebuilt_bucket_sizes") or data.get("bucket_sizes")
+        return [int(size) for size in str(sizes).split(",")]
+    except Exception:  # noqa: BLE001 - a missing figure, never a failed run
+        return None
+
+
 def describe_world(ranks: Ranks, backend: str, device: torch.device,
                    resumed: "Resumed") -> dict:
     """The result's world block; a collective call: every rank must make it."""

@@ -86,10 +86,10 @@ class Run:
                  backend: str | None = None, model: torch.nn.Module | None = None,
                  resumed: "Resumed | None" = None):
         """``devices``: this process's devices (02: one, 03: DataParallel's). 04 adds its
-        ``ranks``, ``backend``, the unwrapped ``model`` (for the gradient bytes) and where
-        it ``resumed``: the world block then lists every rank's device, the config gets the
-        DDP options, notes say how the run was launched, and a failing rank's reason
-        reaches rank 0 (``PeerReports``)."""
+        ``ranks``, ``backend``, the DDP ``model`` (its gradient bytes now, its buckets when
+        the run is written) and where it ``resumed``: the world block then lists every
+        rank's device, the config gets the DDP options, notes say how the run was
+        launched, and a failing rank's reason reaches rank 0 (``PeerReports``)."""
         self.lab = lab
         self.rank = ranks.rank if ranks is not None else 0
         self.writer = self.rank == 0
@@ -101,6 +101,7 @@ class Run:
         self.notes: list[str] = []
         self.path: Path | None = None
         self.peers: PeerReports | None = None
+        self.ddp_model = model if ranks is not None else None
         if ranks is None:
             world = one_process_world(devices)
         else:
@@ -214,6 +215,8 @@ class Run:
     def write(self, meter) -> Path | None:
         """The run finished: every rank's measurements, combined, in the file rank 0
         writes (returns its path; None on the other ranks). Under DDP a collective."""
+        if self.ddp_model is not None:  # DDP builds its buckets on the first step
+            self.record["config"]["bucket_bytes"] = distributed.bucket_bytes(self.ddp_model)
         summary = meter.rank_summary(self.rank)
         return self._write(distributed.gather_to_rank0(summary) if self.distributed
                            else [summary])
@@ -282,6 +285,7 @@ def config_from_args(args, *, per_device_batch_size: int, global_batch_size: int
         "dataset_size": args.dataset_size,
         "per_device_batch_size": per_device_batch_size,
         "global_batch_size": global_batch_size,
+        "scaling": getattr(args, "scaling", None),  # 03/04's label; 02 is both curves' base
         "grad_accum_steps": args.grad_accum_steps,
         "epochs": args.epochs,
         "steps_per_epoch": steps_per_epoch,

@@ -62,7 +62,8 @@ def nproc_options_run(tmp_path_factory) -> SharedRun:
     """Self-launch with --nproc 2 and every DDP option: one 2-rank run for both tests."""
     return launch_shared_run(tmp_path_factory, "nproc_options", "--nproc", "2",
                              "--bucket-cap-mb", "5", "--comm-hook", "fp16",
-                             "--grad-accum-steps", "2", "--run-name", "options")
+                             "--grad-accum-steps", "2", "--run-name", "options",
+                             "--scaling", "strong")
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +221,10 @@ def test_ddp_options_are_recorded(nproc_options_run):
     assert config["gradient_as_bucket_view"] is True
     assert config["find_unused_parameters"] is False
     assert config["broadcast_buffers"] is False
+    assert config["scaling"] == "strong"  # a label every spawned rank parsed alike
+    # --bucket-cap-mb 5: DDP's buckets, as it built them, hold every gradient byte once
+    buckets = config["bucket_bytes"]
+    assert len(buckets) > 1 and sum(buckets) == config["gradient_bytes"]
 
 
 def test_legacy_local_rank_argument_is_accepted(one_process_run):
