@@ -89,9 +89,14 @@ def main(argv=None) -> None:
         figures.append(drawn)
         return drawn
 
+    def scaling_figure(machine, curves):
+        drawn = plots.scaling_plot(curves, machine.slug)
+        figures.append(drawn)
+        return drawn
+
     # 4. Render: the same context becomes HTML (autoescaped) or Markdown.
     context = render.build_context(folder, table, machine_figures, launcher_env.command_line(),
-                                   bandwidth_figure)
+                                   bandwidth_figure, scaling_figure)
     to_save = [f for f in figures if args.generate_plots and f.png is not None]
     if args.format == "html":
         text = render.html(context)  # figures embedded as data URIs, always

@@ -81,3 +81,10 @@ def figure(value) -> str:
     if magnitude >= 1:
         return f"{value:.{3 - len(str(int(magnitude)))}f}"
     return f"{value:#.3g}"
+
+
+def count(value) -> str:
+    """A whole number of things (images in a batch): "1,024"; "n/a" when missing."""
+    if missing(value):
+        return "n/a"
+    return f"{value:,.0f}" if value == int(value) else f"{value:,.1f}"

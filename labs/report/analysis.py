@@ -44,14 +44,17 @@ ELSEWHERE = "baseline only on another machine"  # the note of a run whose 02 ran
 # What must agree between a run and its baseline (besides the machine, ``machine_key``).
 # cpu_threads: threads per process, where the devices are CPUs (on GPUs the CPU threads
 # only launch kernels, and torchrun gives each rank 1 while a plain 02 takes them all).
-BASELINE_FIELDS = ("model", "img_size", "per_device_batch_size", "amp", "channels_last",
+# baseline_batch: the batch of the matching 02 run, the run's per-device batch (weak
+# scaling) or, for a run recorded as strong scaling, its global batch.
+BASELINE_FIELDS = ("model", "img_size", "baseline_batch", "amp", "channels_last",
                    "compile", "data", "cpu_threads")
 # What makes two runs "the same configuration" (repeats are aggregated).
 CONFIG_FIELDS = ("lab", "strategy", "n_devices", "world_size", "nnodes", "machine", "hardware",
-                 *BASELINE_FIELDS, "global_batch_size", "grad_accum_steps", "backend",
+                 *BASELINE_FIELDS, "per_device_batch_size", "global_batch_size",
+                 "grad_accum_steps", "backend",
                  "bucket_cap_mb", "comm_hook", "static_graph", "sync_bn", "lr",
                  "target_accuracy")
-FIELD_NAMES = {"model": "model", "img_size": "image size", "per_device_batch_size":
+FIELD_NAMES = {"model": "model", "img_size": "image size", "baseline_batch":
                "per-device batch", "amp": "amp", "channels_last": "channels_last",
                "compile": "torch.compile", "data": "data source", "hardware": "device",
                "cpu_threads": "threads per process"}
@@ -66,6 +69,8 @@ RERUN = "rerun on a quiet machine, or repeat each run: python -m labs run --repe
 # --- safe access: a valid run file still has free-form fields ----------------------------
 
 def num(value) -> float | None:
+    if isinstance(value, (np.integer, np.floating)):  # a value read back from a table
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) else None
@@ -272,7 +277,11 @@ def run_row(record: dict, file: str) -> dict:
         "tf32": scalar(cfg.get("tf32")),
         "scaling": scalar(cfg.get("scaling")),
         "num_classes": scalar(cfg.get("num_classes")),
-        **{f: scalar(cfg.get(f)) for f in BASELINE_FIELDS if f != "cpu_threads"},
+        **{f: scalar(cfg.get(f)) for f in BASELINE_FIELDS
+           if f not in ("cpu_threads", "baseline_batch")},
+        "per_device_batch_size": scalar(cfg.get("per_device_batch_size")),
+        "baseline_batch": baseline_batch(cfg),
+        "bucket_bytes": [b for b in numbers(cfg.get("bucket_bytes")) if b > 0],
         "threads_per_process": scalar(cfg.get("threads_per_process")),
         "cpu_threads": scalar(cfg.get("threads_per_process")) if cpu else None,
         "global_batch_size": scalar(cfg.get("global_batch_size")),
@@ -315,6 +324,18 @@ def run_row(record: dict, file: str) -> dict:
         "started_at": str(record.get("started_at") or ""),
         "command": str(record.get("command") or ""),
     }
+
+
+def baseline_batch(cfg: dict):
+    """The batch per device of the 02 run this one compares with: its own per-device
+    batch, or under strong scaling (the global batch held fixed) its global batch."""
+    if cfg.get("scaling") != "strong" or cfg.get("strategy") == "single":
+        return scalar(cfg.get("per_device_batch_size"))
+    total, accumulate = num(cfg.get("global_batch_size")), num(cfg.get("grad_accum_steps"))
+    if total is None:
+        return None
+    share = total / (accumulate or 1)
+    return int(share) if share == int(share) else share
 
 
 def run_frame(folder) -> pd.DataFrame:
@@ -438,6 +459,7 @@ def compare(runs: pd.DataFrame) -> pd.DataFrame:
             compute_p90=median(group["compute_p90"]),
             exposed_comm_s=median(group["exposed_comm_s"]),
             gradient_bytes=median(group["gradient_bytes"]),
+            bucket_bytes=group.iloc[-1]["bucket_bytes"],
             host_rss=median(group["host_rss"]),
             cpu_count=median(group["cpu_count"]),
             slowest_rank=group.iloc[-1]["slowest_rank"],

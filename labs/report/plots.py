@@ -754,6 +754,72 @@ def _efficiency_caption(kind: str, points: pd.DataFrame) -> str:
                if points["unreliable"].any() else ""))
 
 
+# --- scaling curves (labs.report.scaling) -----------------------------------------------------
+
+@_styled
+def plot_scaling(curves: list):
+    """Throughput (top) and efficiency (bottom) against N: per curve, the measured points
+    joined by a solid line, the prediction dashed with hollow markers (those beyond the
+    largest measured N only predicted), and ideal scaling dotted."""
+    labels = [c.short_name for c in curves]
+    extra = ["measured", "predicted (alpha-beta model)", "ideal: N × baseline"]
+    fig = _line_figure(5.0, [wrap_label(label) for label in labels] + extra)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    ns = sorted({p.n for c in curves for p in c.points})
+    handles = []
+    for i, curve in enumerate(curves):
+        color = PALETTE[i % len(PALETTE)]
+        seen = sorted((p for p in curve.points if p.role != "extrapolated"
+                       and p.measured_tp is not None), key=lambda p: p.n)
+        guess = sorted((p for p in curve.points if p.predicted_tp is not None),
+                       key=lambda p: p.n)
+        for ax, measured, predicted in (
+                (top, [p.measured_tp for p in seen], [p.predicted_tp for p in guess]),
+                (bottom, [100 * p.measured_eff for p in seen],
+                 [100 * p.predicted_eff for p in guess])):
+            ax.plot([p.n for p in seen], measured, color=color, marker=MARKERS[i % 8],
+                    linewidth=2.2, markersize=8)
+            if guess:
+                ax.plot([p.n for p in guess], predicted, color=color, linestyle="--",
+                        marker=MARKERS[i % 8], markerfacecolor="white", linewidth=1.4,
+                        markersize=7)
+        handles.append(Line2D([], [], color=color, marker=MARKERS[i % 8], linewidth=2.2,
+                              label=wrap_label(curve.short_name)))
+    for baseline in {c.baseline_tp for c in curves}:
+        top.plot(ns, [n * baseline for n in ns], color=INK, linestyle=":", linewidth=1.0)
+    bottom.axhline(100, color=INK, linestyle=":", linewidth=1.0)
+    handles += [Line2D([], [], color=INK, linewidth=2.2, marker="o", label=extra[0]),
+                Line2D([], [], color=INK, linestyle="--", marker="o", markerfacecolor="white",
+                       label=extra[1]),
+                Line2D([], [], color=INK, linestyle=":", label=extra[2])]
+    top.set_ylabel("images/s", fontsize=LABEL_FONT)
+    top.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    bottom.set_ylabel("efficiency (%)", fontsize=LABEL_FONT)
+    bottom.set_ylim(0, max(115.0, *(100 * (p.measured_eff or 0) + 10
+                                    for c in curves for p in c.points)))
+    for ax in (top, bottom):
+        if ns[-1] >= 8:
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticks(ns, [str(n) for n in ns])
+        _axes_style(ax)
+    bottom.set_xlabel("devices N (DataParallel: GPUs · DDP: world size)",
+                      fontsize=LABEL_FONT)
+    _legend(fig, handles)
+    _finish(fig)
+    return fig, ("Solid: measured; dashed, hollow markers: predicted by the alpha-beta model "
+                 "from step 01's all-reduce sweep and the runs' compute-only steps (points "
+                 "beyond the largest measured N are predicted only); dotted: ideal scaling. "
+                 "At N = 1 the efficiency is the wrapper's speed-up over the baseline, its "
+                 "overhead.")
+
+
+def scaling_plot(curves: list, key: str) -> Plot:
+    """The scaling section's figure for one machine, key ``scaling_<key>``."""
+    return _draw(f"scaling_{_check_key(key)}", "scaling", "Scaling: throughput and "
+                 "efficiency against N", lambda: plot_scaling(curves))
+
+
 # --- step 01's all-reduce ---------------------------------------------------------------------
 
 @_styled

@@ -16,7 +16,7 @@ import pandas as pd
 from markupsafe import Markup
 
 from labs import fmt
-from labs.report import environment, machines as machines_mod, narrative
+from labs.report import environment, machines as machines_mod, narrative, scaling as scaling_mod
 from labs.report.analysis import (SPREAD_LIMIT, SUPERLINEAR_LIMIT, WORLD_SIZE_1,
                                   WRAPPER_FASTER_LIMIT, RERUN, allreduce_sweeps, flag_kind,
                                   precision)
@@ -195,10 +195,30 @@ def _unfinished(folder: Folder, records) -> list[dict]:
 
 # --- the context: what every output format shows ----------------------------------------
 
+def _scaling(m, folder: Folder, scaling_plot) -> dict | None:
+    found = scaling_mod.analyse(m.rows, m.step01, folder.file_of)
+    if found is None:
+        return None
+    model = found.model
+    return {
+        "figure": scaling_plot(m, found.curves) if scaling_plot else None,
+        "sentences": found.sentences,
+        "curves": [{"name": c.name, "rows": scaling_mod.table_rows(c), "notes": c.notes}
+                   for c in found.curves],
+        "refusal": found.refusal,
+        "model": None if model is None else {
+            "fits": scaling_mod.fit_rows(model), "hidden": fmt.pct(model.hidden),
+            "calibration": model.calibration, "buckets": model.buckets,
+            "source": model.source},
+        "links": found.links, "link_ns": found.link_ns,
+    }
+
+
 def build_context(folder: Folder, table: pd.DataFrame, machine_plots, generated_by: str,
-                  step01_plots=None) -> dict:
+                  step01_plots=None, scaling_plot=None) -> dict:
     """``machine_plots(machine) -> list[Plot]``: the figures of one machine's section;
-    ``step01_plots(machine) -> Plot | None``: its step-01 bandwidth figure."""
+    ``step01_plots(machine) -> Plot | None``: its step-01 bandwidth figure;
+    ``scaling_plot(machine, curves) -> Plot``: its scaling figure."""
     found = machines_mod.group(table, folder.environments, folder.file_of, folder.unfinished)
     sweeps = allreduce_sweeps(folder.environments, folder.file_of)
     sections = []
@@ -219,6 +239,7 @@ def build_context(folder: Folder, table: pd.DataFrame, machine_plots, generated_
             "more_figures": [f for f in figures if not getattr(f, "primary", False)],
             "bandwidth_plot": bandwidth_plot,
             "details": detail_rows(m.rows),
+            "scaling": _scaling(m, folder, scaling_plot),
             "step01": [_step01(folder, e) for e in m.step01],
         })
     described = {id(e) for m in found for e in m.step01}
