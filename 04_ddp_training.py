@@ -117,6 +117,9 @@ def main() -> None:
             trainer.evaluate(val_loader, epoch)  # accuracy; timed apart from training
             if master_process and distributed.checkpoint_due(epoch, args.checkpoint_every):  # DDP:
                 distributed.save_checkpoint(args, epoch + 1, raw_model, optimizer, scaler)  # DDP:
+        if args.profile_steps:  # DDP: a profiler's timeline of backward and all-reduce
+            for step in trainer.profiled_steps(loader, args.profile_steps, run.trace_path()):  # DDP:
+                train_step(model, optimizer, scaler, step, dtype)  # DDP:
         if args.comm_probe:  # DDP: the same steps without all-reduce: what the sync costs
             with model.no_sync():  # DDP:
                 for step in trainer.compute_only_steps(loader):  # DDP: timed apart

@@ -30,6 +30,7 @@ EVAL_DATA = ("shapes", "imagefolder", "cifar10")
 DEFAULT_TARGET_ACCURACY = 0.5  # --target-accuracy when evaluating
 COMM_HOOKS = ("none", "fp16", "bf16", "powersgd")
 SCALING_CHOICES = ("weak", "strong")
+MAX_PROFILE_STEPS = 20  # 04 --profile-steps: a trace is about 0.6 MB per step of ResNet-18
 BACKENDS = ("auto", "nccl", "gloo")
 
 # The lab's defaults. Options left unset on the command line take the preset's value,
@@ -129,6 +130,13 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be greater than zero, got {text!r}")
     return value
+
+
+def profile_step_count(text: str) -> int:
+    steps = non_negative_int(text)
+    if steps > MAX_PROFILE_STEPS:  # a trace grows by megabytes per step
+        raise argparse.ArgumentTypeError(f"at most {MAX_PROFILE_STEPS} steps, got {steps}")
+    return steps
 
 
 def _fraction(text: str) -> float:
@@ -293,6 +301,11 @@ def _add_ddp_options(parser: argparse.ArgumentParser) -> None:
                      help="skip the short phase after training that times the same steps "
                           "without gradient all-reduce (model.no_sync()) to measure the "
                           "communication DDP does not hide (default: the probe runs)")
+    ddp.add_argument("--profile-steps", type=profile_step_count, default=0, metavar="K",
+                     help="after training, K more steps under torch.profiler: one Chrome "
+                          "trace per rank in RESULTS_DIR/traces (open it in Perfetto), and "
+                          f"the overlap of backward and all-reduce in the result; 1 to "
+                          f"{MAX_PROFILE_STEPS}, 0 = off (default: 0)")
 
     ckpt = parser.add_argument_group("checkpoints (DDP)")
     ckpt.add_argument("--checkpoint-every", type=non_negative_int, default=0, metavar="N",

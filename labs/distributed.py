@@ -343,6 +343,7 @@ def ddp_settings(args, backend: str, model) -> dict:
         "backend": backend,
         "gradient_bytes": gradient_bytes(model),  # all-reduced every step (before any hook)
         "comm_probe": args.comm_probe,
+        "profile_steps": args.profile_steps,
         **_constructor_flags(args),
         "sync_bn": args.sync_bn,
         "broadcast_buffers": args.broadcast_buffers,

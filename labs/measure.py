@@ -28,11 +28,13 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
 import torch
 
+from labs import trace_analysis
 from labs.envinfo import cuda_index
 
 
@@ -195,6 +197,8 @@ class Meter:
         self.loss_per_epoch: list[float] = []
         self.measured_data_wait_s = 0.0
         self.compute_only_times: list[float] = []
+        self.trace: dict | None = None  # 04 --profile-steps: labs.trace_analysis's figures
+        self.notes: list[str] = []
         self.evals: list[dict] = []
         self._eval_started: float | None = None
         self._probe_warmup_left: int | None = None  # None: training steps, not the probe
@@ -264,6 +268,13 @@ class Meter:
         self._pending.clear()
         self._probe_warmup_left = None
 
+    def record_trace(self, summary: dict | None, path: Path, note: str | None) -> None:
+        """The profiled steps' figures, with the trace's name beside the results."""
+        if summary is not None:
+            self.trace = {**summary, "file": f"{path.parent.name}/{path.name}"}
+        if note:
+            self.notes.append(note)
+
     def _warmup_done(self) -> None:
         for device in self.devices:
             if device.type == "cuda":
@@ -306,7 +317,7 @@ class Meter:
         step_median = (float(np.median(self.step_times))
                        if self.step_times and len(self.devices) == 1 else None)
         per_device = []
-        notes = []
+        notes = list(self.notes)
         if len(self.devices) > 1:
             notes.append("Step time is not measured per GPU under DataParallel: one process "
                          "drives every GPU, and the step time is the whole step's.")
@@ -340,6 +351,7 @@ class Meter:
             "samples_per_step": self.samples_per_step,
             "step_times_s": list(self.step_times),
             "compute_only_step_times_s": list(self.compute_only_times),
+            "trace": self.trace,
             "measured_data_wait_s": self.measured_data_wait_s,
             "epoch_time_s": list(self.epoch_times),
             "loss_per_epoch": list(self.loss_per_epoch),
@@ -397,6 +409,8 @@ def combine(ranks: list[dict], target_accuracy: float | None = None
         metrics["data_wait_fraction"] = None
         notes.append("No step was measured after warmup, so there is no throughput.")
     metrics.update(_compute_only(ranks, metrics["step_time_s"]))
+    traced = [{"rank": r["rank"], **r["trace"]} for r in ranks if r.get("trace")]
+    metrics["trace"] = trace_analysis.add_waits(traced) if traced else None
     epochs = min(len(r["epoch_time_s"]) for r in ranks)
     metrics["epoch_time_s"] = [max(r["epoch_time_s"][e] for r in ranks) for e in range(epochs)]
     n_losses = min(len(r["loss_per_epoch"]) for r in ranks)

@@ -212,6 +212,13 @@ class Run:
             raise
         raise SystemExit(outcome.exit_code)
 
+    def trace_path(self) -> Path:
+        """Where this rank's profiler trace goes (04 --profile-steps): beside the results,
+        in ``traces/``, named after the run (step 05 reads only the results folder's own
+        files, so a trace is never mistaken for a result)."""
+        return self.results_dir / "traces" / \
+            f"{self.lab}_{_safe_name(self.run_name)}_{self.run_id}_rank{self.rank}.json"
+
     def write(self, meter) -> Path | None:
         """The run finished: every rank's measurements, combined, in the file rank 0
         writes (returns its path; None on the other ranks). Under DDP a collective."""

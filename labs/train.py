@@ -16,13 +16,14 @@ import math
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from labs import faults
+from labs import faults, profiling
 from labs.cli import is_allocation_failure
 from labs.compat import OutOfMemoryError
 from labs.errors import UsageError, first_line
@@ -324,6 +325,20 @@ class Trainer:
             yield step
             self.meter.end_step(step.data_wait_s)
         self.meter.end_compute_only()
+
+    def profiled_steps(self, loader, steps: int, path):
+        """After training: one step to settle, then ``steps`` steps under torch.profiler,
+        whose trace goes to ``path`` and whose figures to the meter (``meter.trace``).
+        Kept out of every timing; they train on, like the compute-only probe's."""
+        self.model.train()
+        batches = _endless(loader)
+        loss_sum = torch.zeros((), device=self.device)
+        yield self._step(batches, loss_sum)  # not profiled: the profiler starts after it
+        with profiling.Recorder(path, self.device) as recorder:
+            for _ in range(steps):
+                with recorder.step():
+                    yield self._step(batches, loss_sum)
+        self.meter.record_trace(recorder.summary, Path(path), recorder.note)
 
 
 def _endless(loader):

@@ -45,12 +45,14 @@ def launch_shared_run(tmp_path_factory, name: str, *args: str,
 @pytest.fixture(scope="module")
 def torchrun_run(tmp_path_factory):
     """One torchrun launch per command line; the standalone one also carries
-    --static-graph, so a single 2-rank run covers both torchrun and static graph."""
+    --static-graph and --profile-steps, so a single 2-rank run covers torchrun, static
+    graph and profiling under torchrun."""
     runs: dict[tuple[str, ...], SharedRun] = {}
 
     def get(launch: tuple[str, ...]) -> SharedRun:
         if launch not in runs:
-            extra = ("--static-graph",) if launch == STANDALONE_TORCHRUN else ()
+            extra = ("--static-graph", "--profile-steps", "2") \
+                if launch == STANDALONE_TORCHRUN else ()
             runs[launch] = launch_shared_run(tmp_path_factory, "torchrun", *extra,
                                              launcher=torchrun(*launch))
         return runs[launch]
@@ -63,7 +65,7 @@ def nproc_options_run(tmp_path_factory) -> SharedRun:
     return launch_shared_run(tmp_path_factory, "nproc_options", "--nproc", "2",
                              "--bucket-cap-mb", "5", "--comm-hook", "fp16",
                              "--grad-accum-steps", "2", "--run-name", "options",
-                             "--scaling", "strong")
+                             "--scaling", "strong", "--profile-steps", "3")
 
 
 @pytest.fixture(scope="module")
@@ -256,3 +258,51 @@ def test_sync_bn_on_the_cpu_is_refused_with_exit_2(results_dir):
     assert proc.returncode == 2
     assert "--sync-bn needs CUDA" in proc.stderr and "Traceback" not in proc.stderr
     assert result_files(results_dir) == []
+
+
+def assert_traced(folder, record: dict, steps: int) -> list[dict]:
+    """Every rank wrote a Chrome trace with all-reduces in it, and its overlap figures."""
+    trace = record["metrics"]["trace"]
+    assert [t["rank"] for t in trace] == [0, 1]
+    files = sorted((folder / "traces").glob("*.json"))
+    assert [f"traces/{f.name}" for f in files] == [t["file"] for t in trace]
+    for t, path in zip(trace, files):
+        assert record["run_id"] in path.name and path.name.endswith(f"_rank{t['rank']}.json")
+        events = json.loads(path.read_text())["traceEvents"]  # what Perfetto loads
+        assert any(e.get("name") == "gloo:all_reduce" for e in events), path.name
+        assert t["steps"] == steps and t["trace_bytes"] == path.stat().st_size
+        assert 0 <= t["overlap_pct"] <= 100
+        assert 0 <= t["exposed_comm_s"] <= t["comm_s"] <= t["step_s"]
+        assert t["buckets"] and t["timeline"]["all_reduce"] and t["wait_s"] >= 0
+    assert min(t["wait_s"] for t in trace) == 0  # the slowest rank waits for no one
+    return trace
+
+
+def test_profile_steps_write_a_trace_per_rank_kept_out_of_the_timings(nproc_options_run):
+    nproc_options_run.assert_succeeded()
+    record = read_single_result(nproc_options_run.folder)
+    assert record["config"]["profile_steps"] == 3
+    assert_traced(nproc_options_run.folder, record, steps=3)
+    # the profiled steps (and the one before them) are not training's measured steps
+    config = record["config"]
+    assert record["metrics"]["steps_measured"] == \
+        config["steps_per_epoch"] * config["epochs"] - config["warmup_steps"]
+    # and the report draws them: the timeline and each rank's overlap
+    report = nproc_options_run.folder / "report.html"
+    proc = run_script("05_performance_comparison.py", "--results-dir",
+                      nproc_options_run.folder, "--output-report", report)
+    assert proc.returncode == 0, proc.stderr
+    page = report.read_text()
+    assert 'id="plot-timeline_' in page and "what the profiler saw" in page
+    assert "rank 0" in page and "no_sync estimate" in page
+
+
+def test_torchrun_ranks_profile_too_and_a_plain_run_has_a_null_trace(torchrun_run):
+    profiled = torchrun_run(STANDALONE_TORCHRUN)
+    profiled.assert_succeeded()
+    assert_traced(profiled.folder, read_single_result(profiled.folder), steps=2)
+    plain = torchrun_run(PLAIN_TORCHRUN)
+    plain.assert_succeeded()
+    record = read_single_result(plain.folder)
+    assert record["metrics"]["trace"] is None and record["config"]["profile_steps"] == 0
+    assert not (plain.folder / "traces").exists()
