@@ -58,7 +58,8 @@ if __name__ == "__main__":
     cli.check_early(parse_args)  # --help and typos: answered before pandas and matplotlib load
 
 # Only now the heavy imports: pandas and matplotlib take seconds (torch is never loaded).
-from labs.report import analysis, environment, loading, output, plots, render  # noqa: E402
+from labs.report import (analysis, environment, loading, model_plots, output,  # noqa: E402
+                         plots, render)
 
 
 def main(argv=None) -> None:
@@ -90,13 +91,18 @@ def main(argv=None) -> None:
         return drawn
 
     def scaling_figure(machine, curves):
-        drawn = plots.scaling_plot(curves, machine.slug)
+        drawn = model_plots.scaling_plot(curves, machine.slug)
+        figures.append(drawn)
+        return drawn
+
+    def timeline_figure(machine, timelines, more_ranks):
+        drawn = model_plots.timeline_plot(timelines, more_ranks, machine.slug)
         figures.append(drawn)
         return drawn
 
     # 4. Render: the same context becomes HTML (autoescaped) or Markdown.
     context = render.build_context(folder, table, machine_figures, launcher_env.command_line(),
-                                   bandwidth_figure, scaling_figure)
+                                   bandwidth_figure, scaling_figure, timeline_figure)
     to_save = [f for f in figures if args.generate_plots and f.png is not None]
     if args.format == "html":
         text = render.html(context)  # figures embedded as data URIs, always
