@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from labs.cli import (PRESETS, SCALING_CHOICES, OneLineParser, positive_int, preset_value,
-                      protect_output)
+                      profile_step_count, protect_output)
 from labs.errors import UsageError
 from labs.files import ensure_writable_dir, unwritable_reason
 
@@ -192,6 +192,7 @@ def build_plan(args, gpu_count: int) -> Plan:
     modes = "weak and strong" if args.scaling == "both" else args.scaling
     sweep = f"Scaling sweep: world sizes {_listing(world_sizes)} in {modes} scaling"
 
+    profile = ["--profile-steps", str(args.profile_steps)] if args.profile_steps else []
     # per step: (argv, environment) of each run
     per_step: dict[str, list[tuple[list[str], dict]]]
     if n == 0:
@@ -216,7 +217,7 @@ def build_plan(args, gpu_count: int) -> Plan:
             "03": [([python, script["03"], *learn, *common], {})],
             "04": [([python, script["04"], "--nproc", str(k), "--device", "cpu", *learn,
                      *(["--batch-size", str(batch // k)] if mode == "strong" else []),
-                     *common, *label(mode)], {}) for k, mode in runs],
+                     *common, *label(mode), *profile], {}) for k, mode in runs],
         }
     else:
         check_strong_split(args, runs, GPU_BATCH, n)
@@ -238,7 +239,7 @@ def build_plan(args, gpu_count: int) -> Plan:
             per_step["04"].append(([python, "-m", "torch.distributed.run", "--standalone",
                                     f"--nproc_per_node={k}", script["04"], "--batch-size",
                                     str(GPU_BATCH if weak else GPU_BATCH // k), "--amp", "auto",
-                                    *size, *common, *label(mode)], pinned))
+                                    *size, *common, *label(mode), *profile], pinned))
         if n == 1:
             plan.notes.append("One GPU: DataParallel and DDP run at world size 1. They "
                               "measure each wrapper's overhead; scaling needs 2+ GPUs.")
@@ -288,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "batch (the global batch grows with N), strong = the global "
                              "batch stays 02's, split over N devices, both = each world "
                              "size both ways (default: weak)")
+    parser.add_argument("--profile-steps", type=profile_step_count, default=0, metavar="K",
+                        help="04 also runs K steps under torch.profiler after training: a "
+                             "trace per rank in RESULTS_DIR/traces and the report's overlap "
+                             "timeline (default: 0, off)")
     parser.add_argument("--repeat", type=positive_int, default=1, metavar="K",
                         help="run each training step K times; the report aggregates "
                              "them (default: 1)")

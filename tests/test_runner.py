@@ -36,7 +36,8 @@ class Args:
     def __init__(self, **kw):
         defaults = dict(steps=["01", "02", "03", "04", "05"], gpus=None, preset="auto",
                         results_dir=Path("results"), report=Path("comparison_report.html"),
-                        repeat=1, quick_env=False, world_sizes=None, scaling="weak")
+                        repeat=1, quick_env=False, world_sizes=None, scaling="weak",
+                        profile_steps=0)
         self.__dict__.update({**defaults, **kw})
 
 

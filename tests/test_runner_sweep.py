@@ -179,6 +179,7 @@ def test_weak_scaling_takes_any_size_the_hardware_holds():
     (["--world-sizes", "1,1"], "--world-sizes 1,1: expected distinct positive numbers"),
     (["--world-sizes", "4096"], "--world-sizes 4096: 4096 "),  # no machine has that many
     (["--scaling", "sideways"], "invalid choice: 'sideways'"),
+    (["--profile-steps", "21"], "--profile-steps: at most 20 steps, got 21"),
 ])
 def test_bad_sweep_options_are_one_line_and_exit_2(tmp_path, argv, says):
     proc = lab_run(*argv, "--dry-run", cwd=tmp_path)
@@ -225,3 +226,14 @@ def test_the_result_config_records_the_label_and_null_for_02():
     assert config("02_baseline")["scaling"] is None  # the one-device point of both curves
     assert config("03_dataparallel")["scaling"] == "weak"
     assert config("04_ddp", "--scaling", "strong")["scaling"] == "strong"
+
+
+def test_profile_steps_reach_every_04_run_and_nothing_else(two_cores):
+    plan = plan_for("--world-sizes", "1,2", "--scaling", "both", "--profile-steps", "3",
+                    gpu_count=0)
+    assert [option(c.argv, "--profile-steps") for c in runs_of(plan, "04")] == ["3"] * 3
+    assert all("--profile-steps" not in c.argv for c in plan.commands if c.step != "04")
+    plain = plan_for(gpu_count=8)
+    assert all("--profile-steps" not in c.argv for c in plain.commands)
+    assert option(runs_of(plan_for("--profile-steps", "2", gpu_count=8), "04")[-1].argv,
+                  "--profile-steps") == "2"
