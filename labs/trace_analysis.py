@@ -82,9 +82,11 @@ def _top_level(events: list[dict]) -> list[tuple[float, float]]:
     return spans
 
 
-def step_metrics(step: tuple[float, float], compute, comm, backward, all_reduces) -> dict:
+def step_metrics(step: tuple[float, float], compute, comm, backward, all_reduces,
+                 reducer=()) -> dict:
     """One step's figures (seconds; trace times are microseconds). ``all_reduces``: the
-    gradient buckets' (start, end), in order."""
+    gradient buckets' (start, end), in order; ``reducer``: DDP's own work on the training
+    thread (averaging the summed buckets, ...), which only a synced step does."""
     s0, s1 = step
     clip = [(max(s, s0), min(e, s1)) for s, e in comm]
     comm_s, both = length(clip), overlap(clip, compute)
@@ -98,6 +100,7 @@ def step_metrics(step: tuple[float, float], compute, comm, backward, all_reduces
         "overlap_pct": 100.0 * both / comm_s if comm_s else None,
         "exposed_comm_s": (comm_s - both) / 1e6,
         "idle_s": max(0.0, (s1 - s0) - busy) / 1e6,
+        "reducer_s": length(reducer) / 1e6,
         "backward_s": (b1 - b0) / 1e6 if backward else None,
         "ready_s": (b1 - s0) / 1e6 if backward else None,
         "buckets": [{"start_ms": (s - b0) / 1e3, "end_ms": (e - b0) / 1e3}
@@ -129,7 +132,8 @@ def steps_of(trace: dict) -> list[dict]:
         reduces = sorted(_span(e) for e in comm if "all_reduce" in str(e.get("name", "")).lower()
                          or "allreduce" in str(e.get("name", "")).lower())
         comm_spans = merge(_span(e) for e in comm)
-        figures = step_metrics((s0, s1), compute, comm_spans, backward, reduces)
+        reducer = [_span(e) for e in main if "reducer::" in str(e.get("name", ""))]
+        figures = step_metrics((s0, s1), compute, comm_spans, backward, reduces, reducer)
         figures["lanes"] = {"compute": compute, "comm": comm_spans, "window": (s0, s1),
                             "backward": backward, "all_reduces": reduces}
         found.append(figures)
@@ -171,7 +175,7 @@ def summarise(trace: dict) -> dict | None:
     if not steps:
         return None
     keys = ("step_s", "compute_s", "comm_s", "overlap_s", "exposed_comm_s", "idle_s",
-            "backward_s", "ready_s")
+            "reducer_s", "backward_s", "ready_s")
     out = {key: _median(s[key] for s in steps) for key in keys}
     comm, both = out["comm_s"], out["overlap_s"]
     out["overlap_pct"] = 100.0 * both / comm if comm else None

@@ -195,3 +195,13 @@ def test_a_result_with_a_malformed_trace_block_still_renders(tmp_path, real_run)
     page = report.read_text()
     assert "what the profiler saw" in page and "could not be drawn" in page
     assert "rank 0 n/a" in html.unescape(re.sub(r"<[^>]+>", " ", page)).replace("  ", " ")
+
+
+def test_ddps_own_reducer_work_is_compute_and_counted_apart():
+    # all-reduce 250-350, backward to 300, then the reducer 350-370, optimizer 380-420
+    events = cpu_step(0, forward=100, backward=200, reduces=[(250, 100)], gap=80, after=40)
+    events.append(op("torch::distributed::reducer::mul_out", 350, 20))
+    step = only(events)
+    assert step["reducer_s"] == pytest.approx(20e-6)
+    assert step["exposed_comm_s"] == pytest.approx(50e-6)  # 300-350: the mul_out is after
+    assert step["idle_s"] == pytest.approx(10e-6)  # 370-380: nothing ran

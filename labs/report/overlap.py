@@ -62,13 +62,23 @@ def compare_sentence(row, trace: list[dict]) -> str:
         return (seen + f"; the no_sync estimate, synced step − compute-only step, is "
                 f"{fmt.seconds(estimate)}: they agree within the noise "
                 f"({fmt.seconds(tolerance)}).")
-    return (seen + f"; the no_sync estimate is {fmt.seconds(estimate)}, "
-            f"{fmt.seconds(abs(mean - estimate))} apart, more than the noise "
-            f"({fmt.seconds(tolerance)}). Trust the trace for "
-            f"where the time went: it watched the very steps the all-reduce ran in. The "
-            f"estimate subtracts two phases timed one after the other, so a machine whose "
-            f"speed changed between them moves it (and can make it negative); it is the one "
-            f"without the profiler's own cost.")
+    apart = (seen + f"; the no_sync estimate is {fmt.seconds(estimate)}, "
+             f"{fmt.seconds(abs(mean - estimate))} apart, more than the noise "
+             f"({fmt.seconds(tolerance)}). ")
+    reducer = [num(t.get("reducer_s")) for t in trace]
+    reducer = statistics.fmean([r for r in reducer if r is not None] or [0.0])
+    if estimate > mean:
+        counted = (f" (here {fmt.seconds(reducer)} a step of DDP's reducer work, such as "
+                   f"averaging the summed buckets; with it the trace accounts for "
+                   f"{fmt.seconds(mean + reducer)})" if reducer > 0 else "")
+        return apart + ("The estimate also counts the work only a synced step does besides "
+                        f"communicating, which the trace files under compute{counted}: "
+                        "read the trace for the communication itself, the estimate for "
+                        "all that synchronising costs.")
+    return apart + ("The estimate subtracts two phases timed one after the other, so a "
+                    "machine whose speed changed between them moves it (and can make it "
+                    "negative): trust the trace, which watched the very steps the "
+                    "all-reduce ran in.")
 
 
 def analyse(rows: pd.DataFrame) -> dict | None:
