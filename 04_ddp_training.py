@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP  # DDP: the wrapper
 from torch.utils.data.distributed import DistributedSampler  # DDP: 1/N of the data per rank
 
-from labs import console, data, distributed, files, launch, models, results, train  # DDP:
+from labs import (console, data, distributed, files, launch, local_sgd, models,  # DDP:
+                  partition, results, train)  # DDP:
 from labs.measure import Meter
 
 
@@ -63,8 +64,10 @@ def main() -> None:
     dtype = train.autocast_dtype(amp)  # of the forward pass; the weights stay float32
 
     dataset = data.build_dataset(args, device)
-    # DDP: each rank its 1/N of the images (the same shuffle on all), its own crops and flips
-    sampler = DistributedSampler(dataset, shuffle=True, seed=args.seed, drop_last=True)  # DDP:
+    # DDP: each rank its 1/N of the images (the same shuffle on all), its own crops and flips;
+    # --partition dirichlet: a fixed, label-skewed shard per rank, as federated clients hold
+    sampler = (DistributedSampler(dataset, shuffle=True, seed=args.seed, drop_last=True)  # DDP:
+               if args.partition == "iid" else partition.DirichletSampler(dataset, args, ranks))  # DDP:
     num_workers = data.default_num_workers(args)
     loader = data.build_loader(dataset, args, sampler, device, num_workers, rank=ranks.rank)  # DDP:
     val_loader = data.build_val_loader(args, device, num_workers, shard=ranks)  # DDP: 1/N each
@@ -96,6 +99,8 @@ def main() -> None:
                             show_progress=master_process,  # DDP: one progress bar, rank 0's
                             reduce_sum=distributed.all_reduce_sum,  # DDP: counts of all ranks
                             steps_per_epoch=steps, epochs=args.epochs)
+    # DDP: --sync local-sgd: gradients stay local, the replicas are averaged every H steps
+    averager = local_sgd.setup(model, args, trainer)  # DDP:
     resumed = distributed.resume(args, raw_model, optimizer, scaler, device)  # DDP:
     # DDP: one result for all ranks, written by rank 0: every rank's device and timings
     run = results.Run(LAB, args, strategy="ddp", devices=[device],  # DDP:
@@ -105,6 +110,7 @@ def main() -> None:
                           global_batch_size=samples_per_step * ranks.world_size,  # DDP:
                           steps_per_epoch=steps, amp=amp, lr=lr, num_workers=num_workers,
                           train_set=data.describe(dataset),
+                          class_histograms=partition.histograms(sampler, dataset, args),  # DDP:
                           augmentation_seed=data.augmentation_seed(dataset, args.seed)))
 
     with run.guard(meter):  # OOM, Ctrl-C or a crash still writes a result with its status
@@ -113,6 +119,7 @@ def main() -> None:
             model.train()
             for step in trainer.steps(loader, epoch):  # timed, with lr warmup and progress
                 train_step(model, optimizer, scaler, step, dtype)
+                averager.after_step()  # DDP: local SGD: every H steps, replicas averaged
             distributed.broadcast_buffers(raw_model)  # DDP: all evaluate rank 0's BN statistics
             trainer.evaluate(val_loader, epoch)  # accuracy; timed apart from training
             if master_process and distributed.checkpoint_due(epoch, args.checkpoint_every):  # DDP:

@@ -30,6 +30,8 @@ EVAL_DATA = ("shapes", "imagefolder", "cifar10")
 DEFAULT_TARGET_ACCURACY = 0.5  # --target-accuracy when evaluating
 COMM_HOOKS = ("none", "fp16", "bf16", "powersgd")
 SCALING_CHOICES = ("weak", "strong")
+SYNC_CHOICES = ("every-step", "local-sgd")
+DEFAULT_AVERAGE_EVERY = 8
 MAX_PROFILE_STEPS = 20  # 04 --profile-steps: a trace is about 0.6 MB per step of ResNet-18
 BACKENDS = ("auto", "nccl", "gloo")
 
@@ -307,6 +309,26 @@ def _add_ddp_options(parser: argparse.ArgumentParser) -> None:
                           f"the overlap of backward and all-reduce in the result; 1 to "
                           f"{MAX_PROFILE_STEPS}, 0 = off (default: 0)")
 
+    less = parser.add_argument_group("communicate less: local SGD and per-rank data")
+    less.add_argument("--sync", choices=SYNC_CHOICES, default="every-step",
+                      help="every-step = DDP's gradient all-reduce every step; local-sgd = "
+                           "each rank steps alone and the replicas are averaged every "
+                           "--average-every steps (default: every-step)")
+    less.add_argument("--average-every", type=positive_int, default=None, metavar="H",
+                      help=f"local SGD: average the replicas every H optimizer steps "
+                           f"(default: {DEFAULT_AVERAGE_EVERY})")
+    less.add_argument("--local-sgd-warmup", type=non_negative_int, default=None, metavar="W",
+                      help="local SGD: the first W steps synchronise every step, as DDP "
+                           "does (default: the learning-rate warmup's steps)")
+    less.add_argument("--partition", choices=("iid", "dirichlet"), default="iid",
+                      help="each rank's share of the training set: iid = a random 1/N "
+                           "every epoch (DistributedSampler); dirichlet = a fixed, "
+                           "label-skewed shard per rank, like federated clients (default: "
+                           "iid)")
+    less.add_argument("--dirichlet-alpha", type=_positive_float, default=0.5, metavar="A",
+                      help="--partition dirichlet: small A = few classes per rank, large A "
+                           "= close to iid (default: 0.5)")
+
     ckpt = parser.add_argument_group("checkpoints (DDP)")
     ckpt.add_argument("--checkpoint-every", type=non_negative_int, default=0, metavar="N",
                       help="save a checkpoint every N epochs, 0 = never (default: 0)")
@@ -384,6 +406,17 @@ def check_values(args: argparse.Namespace) -> None:
             raise UsageError(f"--resume {args.resume}: no such checkpoint file")
     if getattr(args, "checkpoint_every", 0) or getattr(args, "resume", None) == "auto":
         check_folder_can_be_made(args.checkpoint_dir, "--checkpoint-dir")
+    if getattr(args, "sync", "every-step") == "local-sgd":
+        if args.comm_hook != "none":
+            raise UsageError(f"--sync local-sgd replaces DDP's gradient all-reduce with its "
+                             f"own hook; drop --comm-hook {args.comm_hook}")
+        args.average_every = args.average_every or DEFAULT_AVERAGE_EVERY
+    elif getattr(args, "average_every", None) is not None \
+            or getattr(args, "local_sgd_warmup", None) is not None:
+        raise UsageError("--average-every and --local-sgd-warmup need --sync local-sgd")
+    if getattr(args, "partition", "iid") == "dirichlet" and args.data in ("synthetic", "fake"):
+        raise UsageError(f"--partition dirichlet needs labelled images: --data {args.data} "
+                         f"has random labels (use --data shapes, imagefolder or cifar10)")
     if getattr(args, "static_graph", False) and args.grad_accum_steps > 1:
         # DDP's static graph expects every backward to all-reduce; no_sync skips some.
         raise UsageError("--static-graph cannot be combined with --grad-accum-steps > 1 "

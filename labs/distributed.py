@@ -344,6 +344,11 @@ def ddp_settings(args, backend: str, model) -> dict:
         "gradient_bytes": gradient_bytes(model),  # all-reduced every step (before any hook)
         "comm_probe": args.comm_probe,
         "profile_steps": args.profile_steps,
+        "sync": args.sync,
+        "average_every": args.average_every,
+        "local_sgd_warmup": args.local_sgd_warmup,
+        "partition": args.partition,
+        "dirichlet_alpha": args.dirichlet_alpha if args.partition == "dirichlet" else None,
         **_constructor_flags(args),
         "sync_bn": args.sync_bn,
         "broadcast_buffers": args.broadcast_buffers,
@@ -365,6 +370,28 @@ def bucket_bytes(ddp_model) -> list[int] | None:
         return [int(size) for size in str(sizes).split(",")]
     except Exception:  # noqa: BLE001 - a missing figure, never a failed run
         return None
+
+
+# Bytes on the wire per gradient byte, by --comm-hook (PowerSGD's depend on its rank).
+HOOK_BYTES = {"none": 1.0, "fp16": 0.5, "bf16": 0.5}
+
+
+def comm_bytes_per_sample(config: dict, metrics: dict, world_size: int) -> float | None:
+    """Bytes each rank all-reduced per training image it processed: DDP's gradients every
+    step (a hook's compression counted), or what local SGD counted. None outside DDP and
+    for PowerSGD; 0 on one rank, which has no one to send to."""
+    if config.get("strategy") != "ddp":
+        return None
+    if world_size < 2:
+        return 0.0
+    counted = metrics.get("local_sgd")
+    if counted:
+        return counted.get("bytes_per_sample")
+    factor = HOOK_BYTES.get(config.get("comm_hook"))
+    per_step = (config.get("per_device_batch_size") or 0) * (config.get("grad_accum_steps") or 1)
+    if factor is None or not per_step or not config.get("gradient_bytes"):
+        return None
+    return factor * config["gradient_bytes"] / per_step
 
 
 def describe_world(ranks: Ranks, backend: str, device: torch.device,

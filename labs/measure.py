@@ -198,6 +198,7 @@ class Meter:
         self.measured_data_wait_s = 0.0
         self.compute_only_times: list[float] = []
         self.trace: dict | None = None  # 04 --profile-steps: labs.trace_analysis's figures
+        self.local_sgd: dict | None = None  # 04 --sync local-sgd: labs.local_sgd's figures
         self.notes: list[str] = []
         self.evals: list[dict] = []
         self._eval_started: float | None = None
@@ -352,6 +353,7 @@ class Meter:
             "step_times_s": list(self.step_times),
             "compute_only_step_times_s": list(self.compute_only_times),
             "trace": self.trace,
+            "local_sgd": self.local_sgd,
             "measured_data_wait_s": self.measured_data_wait_s,
             "epoch_time_s": list(self.epoch_times),
             "loss_per_epoch": list(self.loss_per_epoch),
@@ -411,6 +413,7 @@ def combine(ranks: list[dict], target_accuracy: float | None = None
     metrics.update(_compute_only(ranks, metrics["step_time_s"]))
     traced = [{"rank": r["rank"], **r["trace"]} for r in ranks if r.get("trace")]
     metrics["trace"] = trace_analysis.add_waits(traced) if traced else None
+    metrics["local_sgd"] = _local_sgd([r.get("local_sgd") for r in ranks])
     epochs = min(len(r["epoch_time_s"]) for r in ranks)
     metrics["epoch_time_s"] = [max(r["epoch_time_s"][e] for r in ranks) for e in range(epochs)]
     n_losses = min(len(r["loss_per_epoch"]) for r in ranks)
@@ -435,6 +438,19 @@ def combine(ranks: list[dict], target_accuracy: float | None = None
             if note not in notes:
                 notes.append(note)
     return metrics, notes
+
+
+def _local_sgd(summaries: list[dict | None]) -> dict | None:
+    """Every rank's local-SGD figures (labs.local_sgd) as the result's ``metrics.local_sgd``:
+    rank 0's counts (the same on every rank) and the replicas' drift over all ranks and
+    averages."""
+    summaries = [s for s in summaries if s]
+    if not summaries:
+        return None
+    drift = [d for s in summaries for d in s["divergence"]]
+    return {**{k: v for k, v in summaries[0].items() if k != "divergence"},
+            "divergence": {"median": float(np.median(drift)) if drift else None,
+                           "max": max(drift) if drift else None, "samples": len(drift)}}
 
 
 def _evaluation(ranks: list[dict], target: float | None, notes: list[str]) -> dict:

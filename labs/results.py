@@ -233,6 +233,8 @@ class Run:
             return None
         metrics, notes = combine(rank_summaries,
                                  target_accuracy=self.record["config"].get("target_accuracy"))
+        metrics["comm_bytes_per_sample"] = distributed.comm_bytes_per_sample(
+            self.record["config"], metrics, self.record["world"].get("world_size", 1))
         for text in notes:
             self.note(text)
         if status == "ok" and not metrics["steps_measured"]:

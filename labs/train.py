@@ -12,6 +12,7 @@ validation image counts once over all ranks.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -235,6 +236,7 @@ class Trainer:
         self.grad_accum_steps = grad_accum_steps
         self.meter = meter
         self.steps_per_epoch = steps_per_epoch
+        self.evaluation_context = contextlib.nullcontext  # labs.local_sgd replaces it
         self.epochs = epochs
         self.reduce_sum = reduce_sum
         self.lr_warmup_steps = lr_warmup_steps
@@ -289,6 +291,11 @@ class Trainer:
         if loader is None:
             return None
         self.meter.start_eval()
+        with self.evaluation_context():  # local SGD: the replicas' average, for this only
+            entry = self._evaluate(loader, epoch)
+        return entry
+
+    def _evaluate(self, loader, epoch: int) -> dict:
         self.model.eval()
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # right, loss, n
         with torch.no_grad():

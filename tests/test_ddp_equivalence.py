@@ -100,6 +100,53 @@ def train_on_rank(rank: int, micro_batches: int, use_no_sync: bool) -> dict:
     return {"state": model.module.state_dict(), "all_reduces": all_reduces["count"]}
 
 
+# --- local SGD (labs/local_sgd.py): averaging every H steps --------------------------------
+
+LOCAL_STEPS = 8
+
+
+def local_batches(rank: int, steps: int) -> list:
+    """A different batch on every rank at every step, as each rank's own data gives."""
+    out = []
+    for step in range(steps):
+        gen = torch.Generator().manual_seed(100 + step)
+        images = torch.randn(BATCH_PER_RANK * WORLD, 3, 12, 12, generator=gen)
+        labels = torch.randint(0, 5, (BATCH_PER_RANK * WORLD,), generator=gen)
+        out.append((images[rows_for(rank, 0)], labels[rows_for(rank, 0)]))
+    return out
+
+
+def train_local(rank: int, sync: str, average_every: int, steps: int) -> dict:
+    """``steps`` steps of 04's train_step, DDP as 04 wraps it, then 04's averager (local
+    SGD with no warm-up, or DDP's every-step no-op); the parameters after every step."""
+    from types import SimpleNamespace
+
+    from torch.nn.utils import parameters_to_vector
+
+    from labs import local_sgd
+
+    device = torch.device("cpu")
+    model = DDP(tiny_model(), bucket_cap_mb=0.001, gradient_as_bucket_view=True,
+                **distributed.buffer_sync(False))
+    optimizer = train.build_optimizer(model, lr=0.5, device=device)
+    meter = Meter(device, warmup_steps=0, samples_per_step=BATCH_PER_RANK)
+    args = SimpleNamespace(sync=sync, average_every=average_every, local_sgd_warmup=0)
+    trainer = train.Trainer(model, optimizer, device, amp="off", channels_last=False,
+                            grad_accum_steps=1, meter=meter, steps_per_epoch=steps,
+                            epochs=1, show_progress=False)
+    averager = local_sgd.setup(model, args, trainer)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    after = []
+    for step in trainer.steps(local_batches(rank, steps), epoch=0):
+        STEP_04(model, optimizer, scaler, step, None)
+        averager.after_step()
+        after.append(parameters_to_vector(model.module.parameters()).detach().clone())
+    with trainer.evaluation_context():  # what Trainer.evaluate sees
+        evaluated = parameters_to_vector(model.module.parameters()).detach().clone()
+    own = parameters_to_vector(model.module.parameters()).detach().clone()
+    return {"after": after, "local_sgd": meter.local_sgd, "evaluated": evaluated, "own": own}
+
+
 # --- evaluation: every validation image counts exactly once over the ranks ----------------
 
 class IndexImages(torch.utils.data.Dataset):
@@ -156,6 +203,12 @@ def _worker(rank: int, store_path: str, out_dir: str) -> None:
     try:
         out = {name: train_on_rank(rank, *how) for name, how in SCENARIOS.items()}
         out["eval"] = evaluate_on_rank(rank, WORLD)
+        out["ddp-steps"] = train_local(rank, "every-step", None, LOCAL_STEPS)
+        out["local-sgd-h1"] = train_local(rank, "local-sgd", 1, LOCAL_STEPS)
+        out["local-sgd-h4"] = train_local(rank, "local-sgd", 4, LOCAL_STEPS)
+        # the last collective before the teardown goes through the lab's safe path: a
+        # plain one there can hang a rank at exit (torch 2.4.1, labs.distributed)
+        distributed.run_collective(dist.barrier)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -236,3 +289,41 @@ def test_distributed_evaluation_counts_every_validation_image_once(ranks, tmp_pa
         assert entry["accuracy"] == pytest.approx(even / EVAL_SIZE)
         assert entry["loss"] == pytest.approx(expected_loss, rel=1e-6)
         assert r["training"]  # back in training mode afterwards
+
+
+def test_local_sgd_averaging_every_step_is_ddp(ranks):
+    """H = 1: each rank steps on its own gradient and the replicas are averaged after every
+    step; SGD (momentum and weight decay included) is linear in the gradient, so this is
+    DDP's averaged-gradient step, to rounding."""
+    for rank in ranks:
+        for ddp, local in zip(rank["ddp-steps"]["after"], rank["local-sgd-h1"]["after"]):
+            torch.testing.assert_close(local, ddp, atol=1e-5, rtol=1e-5)
+    # and the steps moved the weights: equality of untouched weights would prove nothing
+    first, last = ranks[0]["ddp-steps"]["after"][0], ranks[0]["ddp-steps"]["after"][-1]
+    assert not torch.allclose(first, last)
+
+
+def test_local_sgd_every_4_steps_equal_after_each_average_apart_between(ranks):
+    after = [r["local-sgd-h4"]["after"] for r in ranks]  # [rank][step] parameters
+    averaged = [0, 4]  # the average runs after steps 1 and 5 (counted from 0: 0 and 4)
+    for step in range(LOCAL_STEPS):
+        spread = max(float((after[r][step] - after[0][step]).abs().max())
+                     for r in range(1, WORLD))
+        if step in averaged:
+            assert spread < 1e-6, f"step {step}: replicas differ by {spread} after averaging"
+        else:
+            assert spread > 1e-4, f"step {step}: replicas equal without an average"
+    summary = ranks[0]["local-sgd-h4"]["local_sgd"]
+    assert summary["averages"] == 2 and summary["steps"] == LOCAL_STEPS
+    params = after[0][0].numel() * 4
+    assert summary["bytes_all_reduced"] == 2 * params  # no warm-up, no float buffers
+    assert len(summary["divergence"]) == 2 and summary["divergence"][1] > 0
+
+
+def test_local_sgd_evaluates_the_average_and_trains_on_its_own_replica(ranks):
+    runs = [r["local-sgd-h4"] for r in ranks]  # steps 6-8 were local: replicas differ
+    mean = torch.stack([r["after"][-1] for r in runs]).mean(0)
+    for run in runs:
+        torch.testing.assert_close(run["evaluated"], mean, atol=1e-6, rtol=1e-6)
+        assert torch.equal(run["own"], run["after"][-1])  # its replica back, untouched
+    assert not torch.allclose(runs[0]["own"], runs[1]["own"])
