@@ -100,9 +100,15 @@ def main(argv=None) -> None:
         figures.append(drawn)
         return drawn
 
+    def communicate_figure(machine, points):
+        drawn = model_plots.communicate_plot(points, machine.slug)
+        figures.append(drawn)
+        return drawn
+
     # 4. Render: the same context becomes HTML (autoescaped) or Markdown.
     context = render.build_context(folder, table, machine_figures, launcher_env.command_line(),
-                                   bandwidth_figure, scaling_figure, timeline_figure)
+                                   bandwidth_figure, scaling_figure, timeline_figure,
+                                   communicate_figure)
     to_save = [f for f in figures if args.generate_plots and f.png is not None]
     if args.format == "html":
         text = render.html(context)  # figures embedded as data URIs, always

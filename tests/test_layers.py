@@ -28,29 +28,29 @@ from conftest import REPO
 LABS = REPO / "labs"
 
 ORDER = ("errors", "fmt", "files", "contract", "bandwidth", "trace_analysis", "launcher_env",
-         "image_check", "compat", "envinfo", "models", "faults",
+         "image_check", "compat", "envinfo", "models", "faults", "partition",
          "cli",
          "measure", "console", "data", "dp", "profiling", "train",
-         "distributed",
+         "distributed", "local_sgd",
          "results",
          "launch", "probes",
          "runner", "__main__")
 TORCH_FREE = ("errors", "fmt", "files", "contract", "bandwidth", "trace_analysis",
               "launcher_env", "image_check", "cli")
 REPORT_ORDER = ("output", "analysis", "loading", "environment", "machines", "scaling", "plots",
-                "model_plots", "narrative", "overlap", "render")
+                "model_plots", "narrative", "overlap", "communicate", "render")
 # Lines per module, with slack over the size when the budget was set: a module that
 # outgrows it is split, or the budget raised in the same change, on purpose.
 BUDGET = {
-    "errors": 20, "fmt": 110, "files": 160, "contract": 320, "bandwidth": 180, "trace_analysis": 200, "profiling": 100,
+    "errors": 20, "fmt": 110, "files": 160, "contract": 320, "bandwidth": 180, "trace_analysis": 200, "profiling": 100, "local_sgd": 130, "partition": 140,
     "launcher_env": 200, "image_check": 80, "compat": 30, "envinfo": 200, "models": 60,
     "faults": 110,
-    "cli": 520, "measure": 500, "console": 110, "data": 690, "dp": 80, "train": 360,
-    "distributed": 450, "results": 320, "launch": 240, "probes": 540, "runner": 480,
+    "cli": 570, "measure": 500, "console": 110, "data": 690, "dp": 80, "train": 360,
+    "distributed": 480, "results": 320, "launch": 240, "probes": 540, "runner": 480,
     "__main__": 40, "__init__": 20,
-    "report.__init__": 30, "report.output": 170, "report.analysis": 740,
+    "report.__init__": 30, "report.output": 170, "report.analysis": 770,
     "report.loading": 140, "report.environment": 270, "report.machines": 270,
-    "report.plots": 940, "report.scaling": 470, "report.model_plots": 180, "report.overlap": 130, "report.narrative": 580, "report.render": 400,
+    "report.plots": 940, "report.scaling": 470, "report.model_plots": 250, "report.overlap": 130, "report.communicate": 170, "report.narrative": 580, "report.render": 430,
 }
 
 

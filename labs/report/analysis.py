@@ -53,7 +53,7 @@ CONFIG_FIELDS = ("lab", "strategy", "n_devices", "world_size", "nnodes", "machin
                  *BASELINE_FIELDS, "per_device_batch_size", "global_batch_size",
                  "grad_accum_steps", "backend",
                  "bucket_cap_mb", "comm_hook", "static_graph", "sync_bn", "lr",
-                 "target_accuracy")
+                 "target_accuracy", "sync", "average_every", "partition", "dirichlet_alpha")
 FIELD_NAMES = {"model": "model", "img_size": "image size", "baseline_batch":
                "per-device batch", "amp": "amp", "channels_last": "channels_last",
                "compile": "torch.compile", "data": "data source", "hardware": "device",
@@ -298,6 +298,16 @@ def run_row(record: dict, file: str) -> dict:
         "compute_median": compute[0], "compute_p10": compute[1], "compute_p90": compute[2],
         "exposed_comm_s": num(dig(metrics, "exposed_comm_s", "median")),
         "trace": dicts(metrics.get("trace")),
+        "sync": scalar(cfg.get("sync")) or ("every-step" if strategy == "ddp" else None),
+        "average_every": scalar(cfg.get("average_every")),
+        "partition": scalar(cfg.get("partition")) or ("iid" if strategy == "ddp" else None),
+        "dirichlet_alpha": num(cfg.get("dirichlet_alpha")),
+        "comm_bytes_per_sample": num(metrics.get("comm_bytes_per_sample")),
+        "sync_words": f"local SGD every {cfg.get('average_every')}"
+        if cfg.get("sync") == "local-sgd" else "",
+        "partition_words": f"Dirichlet α {num(cfg.get('dirichlet_alpha')) or 0:g}"
+        if cfg.get("partition") == "dirichlet" else "",
+        "divergence": num(dig(metrics, "local_sgd", "divergence", "median")),
         "gradient_bytes": num(cfg.get("gradient_bytes")),
         "host_rss": num(metrics.get("host_peak_rss_bytes")),
         "cpu_count": num(dig(record, "environment", "cpu_count")),
@@ -436,6 +446,7 @@ def compare(runs: pd.DataFrame) -> pd.DataFrame:
     for config_id, group in runs.groupby("config_id", sort=False):
         first = group.iloc[0]
         row = {f: first[f] for f in (*CONFIG_FIELDS, "threads_per_process", "method", "cpu",
+                                     "sync_words", "partition_words",
                                      "family", "lr_rule", "host", "cpu_model", "torch",
                                      "tf32", "scaling", "num_classes")}
         run_medians = group["tp_median"].dropna().tolist()
@@ -462,6 +473,8 @@ def compare(runs: pd.DataFrame) -> pd.DataFrame:
             gradient_bytes=median(group["gradient_bytes"]),
             bucket_bytes=group.iloc[-1]["bucket_bytes"],
             trace=next((t for t in reversed(list(group["trace"])) if t), []),
+            comm_bytes_per_sample=median(group["comm_bytes_per_sample"]),
+            divergence=median(group["divergence"]),
             host_rss=median(group["host_rss"]),
             cpu_count=median(group["cpu_count"]),
             slowest_rank=group.iloc[-1]["slowest_rank"],
@@ -718,7 +731,8 @@ def unique_labels(table: pd.DataFrame) -> list[str]:
               ("compile", "compile {}"), ("data", "{}"), ("backend", "{}"),
               ("bucket_cap_mb", "bucket {} MB"), ("comm_hook", "hook {}"),
               ("cpu_threads", "threads {}"), ("lr", "lr {}"),
-              ("target_accuracy", "target {}")]
+              ("target_accuracy", "target {}"), ("sync_words", "{}"),
+              ("partition_words", "{}")]
     for field, pattern in detail:
         counts = pd.Series(labels).value_counts()
         clashing = [i for i, lab in enumerate(labels) if counts[lab] > 1]
@@ -730,7 +744,8 @@ def unique_labels(table: pd.DataFrame) -> list[str]:
                 value = table.iloc[i][field]
                 text = (short_hardware(str(value)) if field == "hardware" else
                         precision(value) if field == "amp" else _describe(value))
-                labels[i] = f"{labels[i]} · {pattern.format(text)}"
+                if text:  # DDP's defaults (every step, IID data) add no words
+                    labels[i] = f"{labels[i]} · {pattern.format(text)}"
     counts = pd.Series(labels).value_counts()
     seen: dict[str, int] = {}
     for i, lab in enumerate(labels):

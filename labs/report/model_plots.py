@@ -130,3 +130,45 @@ def timeline_plot(timelines: list[dict], more_ranks: int, key: str) -> Plot:
     """The overlap block's figure for one machine, key ``timeline_<key>``."""
     return _draw(f"timeline_{_check_key(key)}", "timeline", "One profiled DDP step, per rank",
                  lambda: plot_timeline(timelines, more_ranks))
+
+
+# --- communicate less (labs.report.communicate) ------------------------------------------
+
+@_styled
+def plot_communicate(points: list[dict]):
+    """Final accuracy against bytes all-reduced per image: DDP filled, local SGD hollow;
+    circles IID data, triangles label-skewed."""
+    if not points:
+        raise NoData("No run both counted its bytes and evaluated its accuracy.")
+    labels = ["DDP, every step", "local SGD", "IID data (circle)",
+              "label-skewed data (triangle)"]
+    fig = _line_figure(3.0, labels)
+    ax = fig.add_subplot()
+    for p in points:
+        ax.scatter([p["bytes"]], [100 * p["accuracy"]], s=90, zorder=3,
+                   marker="^" if p["skewed"] else "o", edgecolors=COMPUTE, linewidths=1.6,
+                   facecolors="white" if p["local"] else COMPUTE)
+        ax.annotate(wrap_label(p["label"]), (p["bytes"], 100 * p["accuracy"]),
+                    textcoords="offset points", xytext=(6, 6), fontsize=8, color=INK)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e6:g} MB"))
+    ax.set_xlabel("bytes all-reduced per training image, per rank (log)", fontsize=LABEL_FONT)
+    ax.set_ylabel("final top-1 accuracy (%)", fontsize=LABEL_FONT)
+    _axes_style(ax)
+    handles = [Line2D([], [], marker="o", linestyle="", markerfacecolor=COMPUTE,
+                      markeredgecolor=COMPUTE, label=labels[0]),
+               Line2D([], [], marker="o", linestyle="", markerfacecolor="white",
+                      markeredgecolor=COMPUTE, label=labels[1]),
+               Line2D([], [], marker="o", linestyle="", color=INK, label=labels[2]),
+               Line2D([], [], marker="^", linestyle="", color=INK, label=labels[3])]
+    _legend(fig, handles)
+    _finish(fig)
+    return fig, ("Each DDP configuration: left is fewer bytes, up is better accuracy. Local "
+                 "SGD moves left by about its averaging period; whether it stays up is what "
+                 "the runs decide.")
+
+
+def communicate_plot(points: list[dict], key: str) -> Plot:
+    return _draw(f"communicate_{_check_key(key)}", "communicate",
+                 "Communicate less: accuracy against bytes per image",
+                 lambda: plot_communicate(points))

@@ -16,8 +16,8 @@ import pandas as pd
 from markupsafe import Markup
 
 from labs import fmt
-from labs.report import (environment, machines as machines_mod, narrative, overlap as overlap_mod,
-                         scaling as scaling_mod)
+from labs.report import (communicate as communicate_mod, environment, machines as machines_mod,
+                         narrative, overlap as overlap_mod, scaling as scaling_mod)
 from labs.report.analysis import (SPREAD_LIMIT, SUPERLINEAR_LIMIT, WORLD_SIZE_1,
                                   WRAPPER_FASTER_LIMIT, RERUN, allreduce_sweeps, flag_kind,
                                   precision)
@@ -224,12 +224,22 @@ def _overlap(m, timeline_plot) -> dict | None:
     return {**found, "figure": figure}
 
 
+def _communicate(m, communicate_plot) -> dict | None:
+    found = communicate_mod.analyse(m.rows)
+    if found is None:
+        return None
+    return {**found, "figure": communicate_plot(m, found["points"]) if communicate_plot
+            else None}
+
+
 def build_context(folder: Folder, table: pd.DataFrame, machine_plots, generated_by: str,
-                  step01_plots=None, scaling_plot=None, timeline_plot=None) -> dict:
+                  step01_plots=None, scaling_plot=None, timeline_plot=None,
+                  communicate_plot=None) -> dict:
     """``machine_plots(machine) -> list[Plot]``: the figures of one machine's section;
     ``step01_plots(machine) -> Plot | None``: its step-01 bandwidth figure;
     ``scaling_plot(machine, curves) -> Plot``: its scaling figure;
-    ``timeline_plot(machine, timelines, more_ranks) -> Plot``: its profiled step."""
+    ``timeline_plot(machine, timelines, more_ranks) -> Plot``: its profiled step;
+    ``communicate_plot(machine, points) -> Plot``: its accuracy against bytes."""
     found = machines_mod.group(table, folder.environments, folder.file_of, folder.unfinished)
     sweeps = allreduce_sweeps(folder.environments, folder.file_of)
     sections = []
@@ -252,6 +262,7 @@ def build_context(folder: Folder, table: pd.DataFrame, machine_plots, generated_
             "details": detail_rows(m.rows),
             "scaling": _scaling(m, folder, scaling_plot),
             "overlap": _overlap(m, timeline_plot),
+            "communicate": _communicate(m, communicate_plot),
             "step01": [_step01(folder, e) for e in m.step01],
         })
     described = {id(e) for m in found for e in m.step01}

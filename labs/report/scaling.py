@@ -39,7 +39,8 @@ MODES = ("weak", "strong")
 # What a curve holds fixed besides the family (the baseline: model, image size, batch,
 # precision, ...): the method's own settings.
 CURVE_FIELDS = ("strategy", "family", "backend", "bucket_cap_mb", "comm_hook",
-                "static_graph", "sync_bn", "grad_accum_steps", "target_accuracy")
+                "static_graph", "sync_bn", "grad_accum_steps", "target_accuracy", "sync",
+                "average_every", "partition", "dirichlet_alpha")
 DEFAULT_BUCKET_CAP_MB = 25  # DistributedDataParallel's bucket_cap_mb
 # Weak scaling keeps each rank's work: a compute-only step this much slower at N = 2 than
 # at N = 1 is ranks competing for the machine, not communication.
