@@ -58,7 +58,7 @@ def trade_off(r, reference) -> str:
     bytes_, ref_bytes = num(r["comm_bytes_per_sample"]), num(reference["comm_bytes_per_sample"])
     speed = r["tp_median"] / reference["tp_median"] \
         if reference["tp_median"] and r["tp_median"] else None
-    parts = [f"{sync_words(r)} on {data_words(r)} data"]
+    parts = [f"{sync_words(r)[0].upper()}{sync_words(r)[1:]} on {data_words(r)} data"]
     if bytes_ is not None and ref_bytes:
         parts.append(f"all-reduces {bytes_ / ref_bytes:.2f}× DDP's bytes per image")
     if speed is not None:
@@ -77,7 +77,7 @@ def trade_off(r, reference) -> str:
                "neither faster nor as accurate" if accurate is False else
                "faster" if faster else "no faster")
     if r["flags"] or reference["flags"]:
-        verdict += " (a flagged figure is involved: see the table's flags)"
+        verdict += " (one of the two is flagged unreliable: see the main table)"
     return "; ".join(parts) + f": {verdict} here."
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import FuncFormatter, NullLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
 
 from labs.report.plots import (INK, LABEL_FONT, MARKERS, PALETTE, NoData, Plot, _axes_style,
                                _check_key, _draw, _figure, _finish, _legend, _legend_layout,
@@ -150,9 +150,10 @@ def plot_communicate(points: list[dict]):
                    facecolors="white" if p["local"] else COMPUTE)
         ax.annotate(wrap_label(p["label"]), (p["bytes"], 100 * p["accuracy"]),
                     textcoords="offset points", xytext=(6, 6), fontsize=8, color=INK)
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e6:g} MB"))
-    ax.set_xlabel("bytes all-reduced per training image, per rank (log)", fontsize=LABEL_FONT)
+    ax.set_xlim(0, 1.5 * max(p["bytes"] for p in points))  # room for the labels
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e6:g}"))
+    ax.set_xlabel("MB all-reduced per training image, per rank", fontsize=LABEL_FONT)
     ax.set_ylabel("final top-1 accuracy (%)", fontsize=LABEL_FONT)
     _axes_style(ax)
     handles = [Line2D([], [], marker="o", linestyle="", markerfacecolor=COMPUTE,
