@@ -21,12 +21,12 @@ RUNS = [("every-step", "iid", 200.0, 0.60, GRAD / 32),
         ("local-sgd", "dirichlet", 236.0, 0.41, GRAD / 32 / 8)]
 
 
-def build(folder, real, runs=RUNS) -> None:
+def build(folder, real, runs=RUNS, spread=(0.95, 1.03)) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for i, (sync, split, tp, accuracy, per_image) in enumerate(runs):
         rec = make_run(real, strategy="ddp", n=2, throughput=tp, batch=32,
                        gradient_bytes=GRAD, eval=[accuracy / 2, accuracy],
-                       run_name=f"{sync}-{split}")
+                       run_name=f"{sync}-{split}", spread=spread)
         rec["config"].update(sync=sync, partition=split,
                              average_every=8 if sync == "local-sgd" else None,
                              dirichlet_alpha=0.5 if split == "dirichlet" else None)
@@ -74,3 +74,14 @@ def test_the_report_shows_the_block_and_only_where_there_is_something_to_compare
     assert 'id="plot-communicate_' in report.read_text()
     build(tmp_path / "plain", real_run, runs=RUNS[:1])  # DDP every step on IID data only
     assert block(tmp_path / "plain") is None
+
+
+def test_local_sgds_uneven_steps_are_not_called_noise(tmp_path, real_run):
+    """Every H-th local-SGD step averages the replicas, so its steps spread by design;
+    the same spread on a DDP run is noise and is flagged."""
+    build(tmp_path / "r", real_run, spread=(0.7, 1.3))  # p10-p90: 60 % of the median
+    found = loading.load_folder(tmp_path / "r")
+    table = analysis.compare(analysis.run_frame(found))
+    flags = {r["label"]: r["flags"] for _, r in table.iterrows()}
+    assert flags["DDP ×2"] and flags["DDP ×2"][0].startswith("noisy")
+    assert flags["DDP ×2 · local SGD every 8"] == []
