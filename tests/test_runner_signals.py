@@ -28,11 +28,18 @@ STARTUP_TIMEOUT_S = 120
 STOP_TIMEOUT_S = 240  # above the runner's own 120 s before it kills a step
 
 
+def _as_from_a_terminal() -> None:
+    """SIGHUP as a shell started from a terminal has it: whatever started pytest (under
+    `nohup` SIGHUP is ignored, and the runner keeps ignoring it, on purpose)."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def start_lab(folder: Path, *args: str, **popen) -> subprocess.Popen:
     """`python -m labs run ARGS` in ``folder``, its output in stdout.txt and stderr.txt."""
     with (folder / "stdout.txt").open("w") as out, (folder / "stderr.txt").open("w") as err:
         return subprocess.Popen([sys.executable, "-m", "labs", "run", *args], cwd=folder,
-                                env=lab_env(), stdout=out, stderr=err, **popen)
+                                env=lab_env(), stdout=out, stderr=err,
+                                preexec_fn=_as_from_a_terminal, **popen)
 
 
 def step_processes_once_training(runner: subprocess.Popen, folder: Path) -> list:
