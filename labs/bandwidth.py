@@ -142,13 +142,19 @@ def fit_quality(fit: AlphaBeta) -> str:
     return text
 
 
+def gradient_allreduce_s(gradient_bytes: float, buckets: int, fit: AlphaBeta) -> float:
+    """DDP's gradient all-reduce in one step: alpha per bucket plus the bytes over beta."""
+    return buckets * fit.alpha_s + fit.time_s(gradient_bytes) - fit.alpha_s
+
+
 def predict_ddp_step_s(compute_s: float, gradient_bytes: float, buckets: int,
-                       fit: AlphaBeta, hidden_share: float) -> float:
+                       fit: AlphaBeta | None, hidden_share: float) -> float:
     """A DDP step: the compute-only step plus the part of the gradient all-reduce that
-    backward does not hide. The all-reduce costs alpha per bucket plus the gradient bytes
-    over beta; ``hidden_share`` (0 to 1) is the share of it hidden behind backward."""
-    communication = buckets * fit.alpha_s + fit.time_s(gradient_bytes) - fit.alpha_s
-    return compute_s + (1 - hidden_share) * communication
+    backward does not hide (``hidden_share``, 0 to 1). ``fit`` None: one rank, nothing to
+    exchange."""
+    if fit is None:
+        return compute_s
+    return compute_s + (1 - hidden_share) * gradient_allreduce_s(gradient_bytes, buckets, fit)
 
 
 def sweeps_by_world_size(allreduce: dict | None) -> dict[int, list[dict]]:

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field, replace
 import pandas as pd
 
 from labs import fmt
-from labs.bandwidth import AlphaBeta, fit_alpha_beta, fit_quality, ring_factor, \
-    sweeps_by_world_size
+from labs.bandwidth import (AlphaBeta, fit_alpha_beta, fit_quality, gradient_allreduce_s,
+                            predict_ddp_step_s, ring_factor, sweeps_by_world_size)
 from labs.report.analysis import dig, num, same_setting_key
 
 MODES = ("weak", "strong")
@@ -210,11 +210,13 @@ def bucket_count(row) -> tuple[int, str]:
     return count, f"buckets: {count}, estimated from bucket_cap_mb {cap:g}"
 
 
+def _fit(fits, n: int) -> AlphaBeta | None:
+    return fit_at(fits, n) if n >= 2 else None  # one rank: nothing to exchange
+
+
 def all_reduce_s(fits, n: int, gradient_bytes: float, buckets: int) -> float:
-    if n < 2:
-        return 0.0  # one rank: nothing to exchange
-    fit = fit_at(fits, n)
-    return (buckets - 1) * fit.alpha_s + fit.time_s(gradient_bytes)
+    fit = _fit(fits, n)
+    return gradient_allreduce_s(gradient_bytes, buckets, fit) if fit else 0.0
 
 
 def _calibrate(curves: list[Curve], fits, gradient_bytes, buckets) -> tuple[float, str] | None:
@@ -239,7 +241,8 @@ def _predict(curve: Curve, fits, gradient_bytes, buckets, hidden: float) -> None
         if p.compute_s is None or not p.global_batch:
             continue
         p.all_reduce_s = all_reduce_s(fits, p.n, gradient_bytes, buckets)
-        p.predicted_step_s = p.compute_s + (1 - hidden) * p.all_reduce_s
+        p.predicted_step_s = predict_ddp_step_s(p.compute_s, gradient_bytes, buckets,
+                                                _fit(fits, p.n), hidden)
         p.predicted_tp = p.global_batch / p.predicted_step_s
         p.predicted_eff = p.predicted_tp / (p.n * curve.baseline_tp)
 
@@ -301,8 +304,8 @@ def link_table(curve: Curve, fits, gradient_bytes, buckets, hidden) -> tuple[lis
         cells = []
         for n in ns:
             linked = {m: replace(f, beta_gb_s=beta) for m, f in fits.items()}
-            step = top.compute_s + (1 - hidden) * all_reduce_s(linked, n, gradient_bytes,
-                                                                buckets)
+            step = predict_ddp_step_s(top.compute_s, gradient_bytes, buckets,
+                                      _fit(linked, n), hidden)
             tp = top.per_device_batch * n * (top.global_batch / (top.per_device_batch * top.n)) \
                 / step
             cells.append(fmt.pct(tp / (n * curve.baseline_tp)))
