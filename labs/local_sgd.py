@@ -38,9 +38,8 @@ class EveryStep:
 
 
 class LocalSGD:
-    def __init__(self, model, period: int, warmup_steps: int, meter):
+    def __init__(self, model, period: int, warmup_steps: int):
         self.module = getattr(model, "module", model)  # the replica inside DDP
-        self.meter = meter
         self.hook_state = PostLocalSGDState(process_group=None, subgroup=None,
                                             start_localSGD_iter=warmup_steps,
                                             post_local_gradient_allreduce=False)
@@ -51,7 +50,7 @@ class LocalSGD:
         self.steps = 0
         self.averages = 0
         self.averaged_bytes = 0
-        self.divergence: list[float] = []
+        self.divergence: list[torch.Tensor] = []
 
     def _due(self) -> bool:
         """PeriodicModelAverager's rule: from the end of the warm-up, every H-th step."""
@@ -79,21 +78,20 @@ class LocalSGD:
         """After optimizer.step(): every H steps, the replicas averaged."""
         due = self._due()
         self.steps += 1
-        self.meter.local_sgd = self.summary(self.meter.samples_per_step)
         if not due:
             return
         params = [p for p in self.module.parameters() if p.requires_grad]
         before = parameters_to_vector(params).detach().clone()
         average_parameters(iter(params), dist.group.WORLD)  # one flat all-reduce, / N
         after = parameters_to_vector(params).detach()
-        self.divergence.append(float((before - after).norm() / after.norm().clamp_min(1e-12)))
+        # kept on the device: read once, when the result is written, not in a timed step
+        self.divergence.append((before - after).norm() / after.norm().clamp_min(1e-12))
         buffers = [b for b in self.module.buffers() if b.is_floating_point()]
         for buffer in buffers:  # batch-norm statistics: averaged with the weights
             run_collective(dist.all_reduce, buffer)
             buffer.div_(dist.get_world_size())
         self.averages += 1
         self.averaged_bytes += sum(t.numel() * t.element_size() for t in [*params, *buffers])
-        self.meter.local_sgd = self.summary(self.meter.samples_per_step)
 
     @property
     def bytes_all_reduced(self) -> int:
@@ -106,7 +104,7 @@ class LocalSGD:
                 "bytes_all_reduced": self.bytes_all_reduced,
                 "bytes_per_sample": self.bytes_all_reduced / (self.steps * samples_per_step)
                 if self.steps else None,
-                "divergence": self.divergence,
+                "divergence": [float(d) for d in self.divergence],
                 "method": "torch.distributed.algorithms: post_localSGD_hook "
                           "(post_local_gradient_allreduce=False), average_parameters"}
 
@@ -119,6 +117,7 @@ def setup(model, args, trainer):
         return EveryStep()
     warmup = args.local_sgd_warmup if args.local_sgd_warmup is not None \
         else trainer.lr_warmup_steps
-    averager = LocalSGD(model, args.average_every, warmup, trainer.meter)
+    averager = LocalSGD(model, args.average_every, warmup)
+    trainer.meter.local_sgd = averager  # its summary goes into the rank's figures
     trainer.evaluation_context = averager.averaged_for_evaluation
     return averager

@@ -198,7 +198,7 @@ class Meter:
         self.measured_data_wait_s = 0.0
         self.compute_only_times: list[float] = []
         self.trace: dict | None = None  # 04 --profile-steps: labs.trace_analysis's figures
-        self.local_sgd: dict | None = None  # 04 --sync local-sgd: labs.local_sgd's figures
+        self.local_sgd = None  # 04 --sync local-sgd: the labs.local_sgd.LocalSGD at work
         self.notes: list[str] = []
         self.evals: list[dict] = []
         self._eval_started: float | None = None
@@ -353,7 +353,8 @@ class Meter:
             "step_times_s": list(self.step_times),
             "compute_only_step_times_s": list(self.compute_only_times),
             "trace": self.trace,
-            "local_sgd": self.local_sgd,
+            "local_sgd": self.local_sgd.summary(self.samples_per_step) if self.local_sgd
+            else None,
             "measured_data_wait_s": self.measured_data_wait_s,
             "epoch_time_s": list(self.epoch_times),
             "loss_per_epoch": list(self.loss_per_epoch),

@@ -144,7 +144,8 @@ def train_local(rank: int, sync: str, average_every: int, steps: int) -> dict:
     with trainer.evaluation_context():  # what Trainer.evaluate sees
         evaluated = parameters_to_vector(model.module.parameters()).detach().clone()
     own = parameters_to_vector(model.module.parameters()).detach().clone()
-    return {"after": after, "local_sgd": meter.local_sgd, "evaluated": evaluated, "own": own}
+    summary = meter.rank_summary(rank)["local_sgd"]  # what the result receives
+    return {"after": after, "local_sgd": summary, "evaluated": evaluated, "own": own}
 
 
 # --- evaluation: every validation image counts exactly once over the ranks ----------------
