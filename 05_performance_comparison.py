@@ -77,33 +77,27 @@ def main(argv=None) -> None:
     # 3. Per machine (host and device model): its figures, and its own step 01's all-reduce.
     figures: list[plots.Plot] = []
 
-    def machine_figures(machine):
-        drawn = plots.machine_plots(machine.rows, machine.slug)
-        figures.extend(drawn)
+    def kept(drawn):  # every figure drawn is also saved with --generate-plots
+        figures.extend(drawn if isinstance(drawn, list) else [drawn])
         return drawn
+
+    def machine_figures(machine):
+        return kept(plots.machine_plots(machine.rows, machine.slug))
 
     def bandwidth_figure(machine):
         if not machine.step01:
             return None
         series, why_not = environment.allreduce_series(machine.step01, folder.file_of)
-        drawn = plots.allreduce_plot(series, why_not, machine.slug)
-        figures.append(drawn)
-        return drawn
+        return kept(plots.allreduce_plot(series, why_not, machine.slug))
 
     def scaling_figure(machine, curves):
-        drawn = model_plots.scaling_plot(curves, machine.slug)
-        figures.append(drawn)
-        return drawn
+        return kept(model_plots.scaling_plot(curves, machine.slug))
 
     def timeline_figure(machine, timelines, more_ranks):
-        drawn = model_plots.timeline_plot(timelines, more_ranks, machine.slug)
-        figures.append(drawn)
-        return drawn
+        return kept(model_plots.timeline_plot(timelines, more_ranks, machine.slug))
 
     def communicate_figure(machine, points):
-        drawn = model_plots.communicate_plot(points, machine.slug)
-        figures.append(drawn)
-        return drawn
+        return kept(model_plots.communicate_plot(points, machine.slug))
 
     # 4. Render: the same context becomes HTML (autoescaped) or Markdown.
     context = render.build_context(folder, table, machine_figures, launcher_env.command_line(),

@@ -97,23 +97,27 @@ def parse_steps(text: str) -> list[str]:
     return steps
 
 
-def parse_gpus(text: str) -> list[int]:
+def _distinct_ints(text: str, smallest: int) -> list[int] | None:
+    """"0,1,3" as [0, 1, 3]; None unless every part is a distinct int >= ``smallest``."""
     try:
-        gpus = [int(part) for part in text.split(",")]
+        values = [int(part) for part in text.split(",")]
     except ValueError:
-        gpus = []
-    if not gpus or min(gpus) < 0 or len(set(gpus)) != len(gpus):
+        return None
+    ok = values and min(values) >= smallest and len(set(values)) == len(values)
+    return values if ok else None
+
+
+def parse_gpus(text: str) -> list[int]:
+    gpus = _distinct_ints(text, 0)
+    if gpus is None:
         raise UsageError(f"--gpus {shlex.quote(text)}: expected distinct GPU indices such "
                          f"as 0,1 (omit --gpus to use every visible GPU)")
     return gpus
 
 
 def parse_world_sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(part) for part in text.split(",")]
-    except ValueError:
-        sizes = []
-    if not sizes or min(sizes) < 1 or len(set(sizes)) != len(sizes):
+    sizes = _distinct_ints(text, 1)
+    if sizes is None:
         raise UsageError(f"--world-sizes {shlex.quote(text)}: expected distinct positive "
                          f"numbers of devices such as 1,2,4,8")
     return sorted(sizes)
