@@ -30,6 +30,7 @@ import re
 from dataclasses import dataclass
 
 import matplotlib
+import matplotlib.image
 
 matplotlib.use("Agg")  # before anything imports pyplot: no display, no GUI toolkit
 
@@ -189,9 +190,11 @@ def _styled(build):
 
 
 def _png(fig: Figure) -> bytes:
+    """The pixels ``_finish`` painted, as PNG: saving the figure would draw it all again."""
     buffer = io.BytesIO()
     # The Software entry marks the file as 05's own, so the next run may replace it.
-    fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": GENERATOR})
+    matplotlib.image.imsave(buffer, np.asarray(fig.canvas.buffer_rgba()), format="png",
+                            dpi=DPI, metadata={"Software": GENERATOR})
     return buffer.getvalue()
 
 
@@ -204,7 +207,7 @@ def _finish(fig: Figure) -> None:
     still does not fit, goes on two lines."""
     for ax in fig.axes:
         ax.tick_params(labelsize=FONT)  # tick labels made later, when drawn, too
-    fig.draw_without_rendering()  # the layout, without painting a pixel
+    fig.canvas.draw()  # laid out and painted: ``_png`` encodes these pixels
     box, redraw = fig.bbox, False
     for ax in fig.axes:
         label = ax.xaxis.label
@@ -222,8 +225,8 @@ def _finish(fig: Figure) -> None:
             ax.set_xlabel(" ".join(words[:half]) + "\n" + " ".join(words[half:]),
                           loc="center")
     if redraw:
-        fig.draw_without_rendering()
-    # Laid out: saving the figure need not run the constrained layout a second time.
+        fig.canvas.draw()
+    # Laid out: drawing it again (a test saving it) need not run the layout a second time.
     fig.set_layout_engine("none")
 
 
