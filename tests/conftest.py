@@ -52,6 +52,15 @@ def lab_env(**extra: str) -> dict:
     return env
 
 
+def user_shell_env() -> dict:
+    """lab_env() without the thread variables the tests set (a user's shell has none),
+    on the CPU."""
+    env = lab_env(CUDA_VISIBLE_DEVICES="")
+    env.pop("OMP_NUM_THREADS")
+    env.pop("MKL_NUM_THREADS")
+    return env
+
+
 def run_script(script: str, *args: str, timeout: float = 120, env: dict | None = None,
                launcher: list[str] | None = None, cwd: Path | None = None):
     """Run `python SCRIPT ARGS` (or LAUNCHER SCRIPT ARGS) from the repository root."""

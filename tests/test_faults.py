@@ -74,8 +74,7 @@ BAD = [
     ("04-resume-garbage-nproc-2", S04, ["--resume", "{garbage}", "--nproc", "2"],
      "not a readable checkpoint"),
     ("04-resume-pickled-object", S04, ["--resume", "{pickled}"], "weights_only=True"),
-    ("04-dataset-too-small-nproc-2", S04, ["--dataset-size", "4", "--nproc", "2"],
-     "not even one optimizer step"),
+    ("04-dataset-too-small", S04, ["--dataset-size", "4"], "not even one optimizer step"),
     ("04-unwritable-results-nproc-2", S04, ["--results-dir", "{file}/results",
                                             "--nproc", "2"], "cannot write results"),
     ("05-missing-results", S05, ["--results-dir", "{missing}"], "does not exist"),
@@ -90,8 +89,7 @@ NEEDS_NO_GPU = {"03-gpus-absent", "04-device-cuda"}
 # process's GPUs, and one quick case per script. The rest run in this process (cli.run on
 # the script's main, as `python SCRIPT` does): the same code path without 3 s of start-up.
 SUBPROCESS = {"01-require-gpus-negative", "03-gpus-absent", "04-device-cuda",
-              "04-resume-garbage", "04-resume-garbage-nproc-2", "04-resume-pickled-object",
-              "04-dataset-too-small-nproc-2", "05-missing-results"}
+              "04-resume-garbage-nproc-2", "04-resume-pickled-object", "05-missing-results"}
 
 
 class Payload:

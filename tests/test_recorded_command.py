@@ -1,10 +1,9 @@
-"""The README's steps run by hand on a CPU, as a user's shell runs them (no
-OMP_NUM_THREADS, no MKL_NUM_THREADS), and the `command` each result records: copied into
-a shell, it reproduces the run, environment variables included."""
+"""The `command` each result records: copied into a shell, it reproduces the run,
+environment variables included. (The steps run from a user's shell, with no thread
+variables, compare DDP with its baseline: test_whole_lab.py, which runs them so.)"""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shlex
@@ -14,69 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, lab_env, result_files, run_script
+from conftest import REPO, result_files, user_shell_env
 from labs import launcher_env
 
 # A hang guard, not a speed bound: each step takes seconds on a quiet 2-core machine.
 STEP_TIMEOUT_S = 300
-
-
-def user_shell_env() -> dict:
-    """lab_env() without the thread variables the tests set (a user's shell has none),
-    on the CPU."""
-    env = lab_env(CUDA_VISIBLE_DEVICES="")
-    env.pop("OMP_NUM_THREADS")
-    env.pop("MKL_NUM_THREADS")
-    return env
-
-
-@pytest.fixture(scope="module")
-def hand_run(tmp_path_factory) -> Path:
-    """02, then `04 --nproc 2`, then 05, smoke presets, into one results folder."""
-    folder = tmp_path_factory.mktemp("hand-run")
-    env = user_shell_env()
-    steps = [("02_baseline_single_gpu.py", "--preset", "smoke", "--results-dir", folder),
-             ("04_ddp_training.py", "--nproc", "2", "--preset", "smoke", "--results-dir",
-              folder),
-             ("05_performance_comparison.py", "--results-dir", folder, "--output-report",
-              folder / "comparison_report.html")]
-    for script, *args in steps:
-        proc = run_script(script, *args, env=env, timeout=STEP_TIMEOUT_S)
-        assert proc.returncode == 0, f"{script}: {proc.stderr[-3000:]}"
-    return folder
-
-
-def _records(folder: Path) -> dict[str, dict]:
-    runs = [json.loads(p.read_text()) for p in result_files(folder)]
-    return {r["lab"]: r for r in runs}
-
-
-def test_the_readme_steps_by_hand_on_a_cpu_compare_ddp_with_its_baseline(hand_run):
-    records = _records(hand_run)
-    assert sorted(records) == ["02_baseline", "04_ddp"]
-    # a CPU device is one thread: 02 is one device, each of 04's two ranks another
-    assert records["02_baseline"]["config"]["threads_per_process"] == 1
-    assert records["04_ddp"]["config"]["threads_per_process"] == 1
-    with open(hand_run / "comparison_report.csv", newline="", encoding="utf-8") as table:
-        rows = list(csv.DictReader(table))
-    (ddp,) = [r for r in rows if r["strategy"] == "ddp"]
-    assert ddp["devices"] == "2"
-    assert float(ddp["speedup"]) > 0, ddp  # not "no matching baseline"
-    assert float(ddp["scaling_efficiency"]) > 0, ddp
-    assert "no matching baseline" not in ddp["efficiency_note"]
-
-
-def test_hand_run_commands_carry_only_what_the_user_set(hand_run):
-    records = _records(hand_run)
-    for record in records.values():
-        command = record["command"]
-        # the GPUs hidden by CUDA_VISIBLE_DEVICES=''; no thread count set by the user
-        assert command.startswith("CUDA_VISIBLE_DEVICES='' python "), command
-        assert "OMP_NUM_THREADS" not in command and "MKL_NUM_THREADS" not in command
-    # the --nproc launcher's own line, not a rank's `python -c ...`
-    words = shlex.split(records["04_ddp"]["command"])
-    assert words[:5] == ["CUDA_VISIBLE_DEVICES=", "python",
-                         str(REPO / "04_ddp_training.py"), "--nproc", "2"]
 
 
 def test_the_recorded_command_reruns_the_run_in_a_shell(real_run_file, tmp_path):
