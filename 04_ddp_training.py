@@ -103,14 +103,13 @@ def main() -> None:
     averager = local_sgd.setup(model, args, trainer)  # DDP:
     resumed = distributed.resume(args, raw_model, optimizer, scaler, device)  # DDP:
     # DDP: one result for all ranks, written by rank 0: every rank's device and timings
-    run = results.Run(LAB, args, strategy="ddp", devices=[device],  # DDP:
+    run = results.Run(LAB, args, strategy="ddp", devices=[device], sampler=sampler,  # DDP:
                       ranks=ranks, backend=backend, model=model, resumed=resumed,  # DDP:
                       config=results.config_from_args(
                           args, per_device_batch_size=args.batch_size,
                           global_batch_size=samples_per_step * ranks.world_size,  # DDP:
                           steps_per_epoch=steps, amp=amp, lr=lr, num_workers=num_workers,
                           train_set=data.describe(dataset),
-                          class_histograms=partition.histograms(sampler, dataset, args),  # DDP:
                           augmentation_seed=data.augmentation_seed(dataset, args.seed)))
 
     with run.guard(meter):  # OOM, Ctrl-C or a crash still writes a result with its status

@@ -76,7 +76,7 @@ class DirichletSampler(Sampler):
         self.shard = self.shards[ranks.rank]
         self.length = len(labels) // ranks.world_size
         self.seed, self.rank, self.epoch = args.seed, ranks.rank, 0
-        self.labels = labels
+        self.dataset = dataset  # as DistributedSampler keeps it
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -91,10 +91,11 @@ class DirichletSampler(Sampler):
         return iter(order[:self.length].tolist())
 
 
-def histograms(sampler, dataset, args) -> list | None:
+def histograms(sampler, args) -> list | None:
     """Images per class in each rank's share (the first epoch's, under DistributedSampler),
     for the result's ``config.class_histograms``: ``[[count of class 0, ...] per rank]``;
     None for random labels."""
+    dataset = sampler.dataset
     labels = labels_of(dataset)
     if labels is None:
         return None

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from labs import distributed, envinfo, files, train
+from labs import distributed, envinfo, files, partition, train
 from labs.compat import OutOfMemoryError
 from labs.contract import (  # noqa: F401 - re-exported for the steps and older callers
     LAB_NAMES, MAX_RESULT_BYTES, SCHEMA_VERSION, STATUSES, STRATEGIES, Loaded, Outcome,
@@ -84,12 +84,13 @@ class Run:
     def __init__(self, lab: str, args, *, strategy: str, config: dict,
                  devices: list[torch.device], ranks: "Ranks | None" = None,
                  backend: str | None = None, model: torch.nn.Module | None = None,
-                 resumed: "Resumed | None" = None):
+                 resumed: "Resumed | None" = None, sampler=None):
         """``devices``: this process's devices (02: one, 03: DataParallel's). 04 adds its
         ``ranks``, ``backend``, the DDP ``model`` (its gradient bytes now, its buckets when
-        the run is written) and where it ``resumed``: the world block then lists every
-        rank's device, the config gets the DDP options, notes say how the run was
-        launched, and a failing rank's reason reaches rank 0 (``PeerReports``)."""
+        the run is written), where it ``resumed`` and its ``sampler``: the world block then
+        lists every rank's device, the config gets the DDP options and each rank's images
+        per class, notes say how the run was launched, and a failing rank's reason reaches
+        rank 0 (``PeerReports``)."""
         self.lab = lab
         self.rank = ranks.rank if ranks is not None else 0
         self.writer = self.rank == 0
@@ -106,7 +107,9 @@ class Run:
             world = one_process_world(devices)
         else:
             world = distributed.describe_world(ranks, backend, devices[0], resumed)
-            config = {**config, **distributed.ddp_settings(args, backend, model)}
+            config = {**config, **distributed.ddp_settings(args, backend, model),
+                      "class_histograms": None if sampler is None
+                      else partition.histograms(sampler, args)}
             self.peers = distributed.PeerReports(ranks.rank, ranks.world_size)
         self.record = {
             "schema_version": SCHEMA_VERSION,

@@ -46,7 +46,7 @@ BUDGET = {
     "launcher_env": 200, "image_check": 80, "compat": 30, "envinfo": 200, "models": 60,
     "faults": 110,
     "cli": 570, "measure": 500, "console": 110, "data": 690, "dp": 80, "train": 360,
-    "distributed": 480, "results": 320, "launch": 240, "probes": 540, "runner": 480,
+    "distributed": 480, "results": 330, "launch": 240, "probes": 540, "runner": 480,
     "__main__": 40, "__init__": 20,
     "report.__init__": 30, "report.output": 170, "report.analysis": 770,
     "report.loading": 140, "report.environment": 270, "report.machines": 270,

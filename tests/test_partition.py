@@ -65,7 +65,7 @@ def test_the_sampler_gives_every_rank_an_equal_epoch_from_its_own_shard():
         assert set(epoch0) <= set(sampler.shards[rank])  # only its own images
         sampler.set_epoch(1)
         assert list(sampler) != epoch0  # reshuffled every epoch
-    histograms = partition.histograms(samplers[0], dataset, args)
+    histograms = partition.histograms(samplers[0], args)
     assert [sum(h) for h in histograms] == [len(s) for s in samplers[0].shards]
     assert np.sum(histograms, axis=0).tolist() == [PER_CLASS] * CLASSES
 
