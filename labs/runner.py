@@ -38,7 +38,7 @@ from pathlib import Path
 from labs.cli import (PRESETS, SCALING_CHOICES, OneLineParser, positive_int, preset_value,
                       profile_step_count, protect_output)
 from labs.errors import UsageError
-from labs.files import ensure_writable_dir, unwritable_reason
+from labs.files import ensure_writable_dir
 
 REPO = Path(__file__).resolve().parent.parent
 STEP_NAMES = {
@@ -327,18 +327,6 @@ def parse_args(argv: list[str] | None = None):
     return args
 
 
-def check_report_path(report: Path) -> None:
-    """Step 05 refuses these only when it starts, after all the training: refuse now."""
-    if report.is_dir():
-        raise UsageError(f"--report {report} is a folder; give a file name")
-    folder = report.parent
-    if not folder.is_dir():
-        raise UsageError(f"--report {report}: folder {folder} does not exist")
-    reason = unwritable_reason(folder)
-    if reason is not None:
-        raise UsageError(f"--report {report}: cannot write in {folder}: {reason}")
-
-
 def _clock(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     return f"{minutes}:{secs:02d}"
@@ -463,8 +451,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"the lab's scripts are not beside the labs package ({REPO}); "
                          f"run from a checkout of the lab")
     ensure_writable_dir(args.results_dir)  # bad folders fail now, not after the training
-    if "05" in args.steps:
-        check_report_path(args.report)
+    if "05" in args.steps:  # step 05 would refuse it only after all the training
+        from labs.report import output
+        output.plan(args.report, args.results_dir, flag="--report")
     from labs import envinfo  # torch: seconds to load, so not for --help or a bad option
 
     plan = build_plan(args, envinfo.gpu_count())

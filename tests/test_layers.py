@@ -14,7 +14,8 @@ for speed is still a dependency) and under ``TYPE_CHECKING``. The order, bottom 
     entry points          runner, __main__
 
 ``labs/report`` reads result files only: it imports the torch-free leaves and its own
-modules (in their order), never torch or the training stack.
+modules (in their order), never torch or the training stack; only the entry points import
+it (the runner checks ``--report`` with ``report.output`` before any training).
 """
 
 from __future__ import annotations
@@ -96,11 +97,14 @@ def imports_of(path: Path, known: set[str]) -> list[tuple[int, str]]:
     return found
 
 
-def rank_of(name: str) -> tuple[int, int]:
+def rank_of(name: str) -> tuple[float, int]:
+    # the report, beside the training stack, sits just below the entry points: the runner
+    # checks the report's path with it before any training
+    report = ORDER.index("runner") - 0.5
     if name.startswith("report."):
-        return (len(ORDER), REPORT_ORDER.index(name.split(".", 1)[1]))
+        return (report, REPORT_ORDER.index(name.split(".", 1)[1]))
     if name == "report":
-        return (len(ORDER), -1)
+        return (report, -1)
     return (ORDER.index(name), 0)
 
 

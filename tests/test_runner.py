@@ -148,6 +148,16 @@ def test_a_selection_or_report_path_that_cannot_work_is_refused_before_step_01(t
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
 
 
+def test_a_report_05_would_not_replace_is_refused_before_step_01(tmp_path):
+    (tmp_path / "notes.html").write_text("<p>my own notes</p>")
+    proc = lab_run("--steps", "01,05", "--quick-env", "--report", "notes.html", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-500:] + proc.stderr[-1000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert "refusing to replace notes.html" in line and "choose another --report" in line
+    assert "step 01" not in proc.stdout
+    assert (tmp_path / "notes.html").read_text() == "<p>my own notes</p>"
+
+
 def test_dry_run_prints_commands_and_runs_nothing(tmp_path):
     proc = lab_run("--dry-run", "--from", "03", cwd=tmp_path)
     assert proc.returncode == 0

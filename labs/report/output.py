@@ -49,26 +49,27 @@ class Outputs:
             _refuse_foreign(self.png(key), _is_our_png, "figure")
 
 
-def plan(report: Path, results_dir: Path | None = None) -> Outputs:
+def plan(report: Path, results_dir: Path | None = None,
+         flag: str = "--output-report") -> Outputs:
     """Check that the report can be written and would replace nothing but 05's own files:
     nothing is created but a probe file, which is removed at once. A problem is a usage
-    error."""
+    error naming ``flag`` (the runner checks its ``--report`` before any training)."""
     report = Path(report)
     folder = report.parent
     if report.is_dir():
-        raise UsageError(f"--output-report {report} is a folder; give a file name")
+        raise UsageError(f"{flag} {report} is a folder; give a file name")
     if not folder.is_dir():
         raise UsageError(f"cannot write {report}: folder {folder} does not exist")
     csv = report.with_suffix(".csv")
     if csv == report:
-        raise UsageError(f"--output-report {report}: the report cannot be a .csv file "
+        raise UsageError(f"{flag} {report}: the report cannot be a .csv file "
                          f"(the CSV of the table is written beside it)")
     if report.suffix.lower() == ".json" and results_dir is not None and \
             _same_folder(folder, results_dir):
-        raise UsageError(f"--output-report {report}: a .json file in the results folder "
+        raise UsageError(f"{flag} {report}: a .json file in the results folder "
                          f"would be read as a result; choose another name or folder")
-    _refuse_foreign(report, _is_our_report, "report")
-    _refuse_foreign(csv, _is_our_csv, "table")
+    _refuse_foreign(report, _is_our_report, "report", flag)
+    _refuse_foreign(csv, _is_our_csv, "table", flag)
     reason = unwritable_reason(folder)
     if reason is not None:
         raise UsageError(f"cannot write {report}: {reason}")
@@ -82,15 +83,15 @@ def _same_folder(a: Path, b: Path) -> bool:
         return False
 
 
-def _refuse_foreign(path: Path, ours, what: str) -> None:
+def _refuse_foreign(path: Path, ours, what: str, flag: str = "--output-report") -> None:
     if not (path.exists() or path.is_symlink()):
         return
     if path.is_symlink() or not path.is_file():
         raise UsageError(f"refusing to replace {path}: not a regular file; choose another "
-                         f"--output-report")
+                         f"{flag}")
     if not ours(path):
         raise UsageError(f"refusing to replace {path}: it exists and is not a {what} "
-                         f"written by 05; choose another --output-report, or move it away")
+                         f"written by 05; choose another {flag}, or move it away")
 
 
 def _head(path: Path) -> bytes:
