@@ -373,13 +373,14 @@ def build_dataset(args, device: torch.device) -> Dataset:
     base = _local_files(args.data, str(args.data_dir), train=True)
     _check_classes(base, args)
     targets = _targets(base)
-    candidates = range(len(base))
+    candidates, held = range(len(base)), []
     if _held_out_of_training(args):
-        held = set(hold_out(targets, args))
-        candidates = [i for i in candidates if i not in held]
+        held = hold_out(targets, args)
+        candidates = [i for i in candidates if i not in set(held)]
     chosen = balanced_subset(targets, args.dataset_size, _stream(args.seed, "train"),
                              among=candidates)
-    _check_files(base, chosen, f"--data-dir {args.data_dir}")
+    # the held-out validation images too: every bad file of the folder named at once
+    _check_files(base, [*chosen, *held], f"--data-dir {args.data_dir}")
     return LocalSplit(base, chosen, train_transforms(args.img_size))
 
 
@@ -559,8 +560,7 @@ def build_val_dataset(args, device: torch.device) -> Dataset | None:
             random_offset=2**40 + args.seed * args.val_size)  # never a training image
     elif _held_out_of_training(args):
         base = _local_files(args.data, str(args.data_dir), train=True)
-        held = hold_out(_targets(base), args)
-        _check_files(base, held, f"--data-dir {args.data_dir}")
+        held = hold_out(_targets(base), args)  # checked with the training images
         dataset = LocalSplit(base, held, eval_transforms(args.img_size))
     else:  # cifar10's test batch, or an image folder's val/
         base = _local_files(args.data, str(args.data_dir), train=False)

@@ -76,6 +76,26 @@ def test_the_image_check_passes_good_files_and_names_each_kind_of_bad_one(tmp_pa
     assert unreadable_reason(str(tmp_path / "text.jpg")) == "not an image PIL can read"
 
 
+def test_bad_images_in_the_held_out_validation_split_are_named_with_the_rest(tmp_path):
+    """One refusal names every bad file: a validation image held out of the folder used
+    to be checked only after the training images passed, so a second run found it."""
+    from labs.errors import UsageError
+
+    root = image_folder(tmp_path / "images", per_class=10)
+    args = type("Args", (), dict(data="imagefolder", data_dir=root, eval=True, val_size=64,
+                                 seed=0, dataset_size=1000, num_classes=2, img_size=32))()
+    base = data._local_files("imagefolder", str(root), train=True)
+    held = set(data.hold_out(data._targets(base), args))
+    val_file = base.samples[min(held)][0]
+    train_file = base.samples[min(set(range(len(base))) - held)][0]
+    for path in (val_file, train_file):
+        Path(path).write_bytes(b"")
+    with pytest.raises(UsageError) as refused:
+        data.build_dataset(args, torch.device("cpu"))
+    assert "2 of 20 images cannot be read" in str(refused.value)
+    assert val_file in str(refused.value) and train_file in str(refused.value)
+
+
 # --- 2. options that cannot train: one line before the first step --------------------------
 
 def test_a_model_too_big_for_the_image_size_is_refused_before_training(tmp_path):
