@@ -376,7 +376,8 @@ def build_dataset(args, device: torch.device) -> Dataset:
     candidates, held = range(len(base)), []
     if _held_out_of_training(args):
         held = hold_out(targets, args)
-        candidates = [i for i in candidates if i not in set(held)]
+        kept_out = set(held)
+        candidates = [i for i in candidates if i not in kept_out]
     chosen = balanced_subset(targets, args.dataset_size, _stream(args.seed, "train"),
                              among=candidates)
     # the held-out validation images too: every bad file of the folder named at once
